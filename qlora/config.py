@@ -1,0 +1,203 @@
+"""The training configuration: one dataclass, filled from a YAML file and the command line.
+
+The YAML file may use the keys of an axolotl config (e.g. the seed's sql.yml) that make sense here;
+other keys are reported in one warning and ignored. Contradictory keys are an error.
+"""
+
+import argparse
+import dataclasses
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DEFAULT_MODEL = "configs/tiny-llama.json"  # a small randomly initialised Llama, for the demo
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class TrainConfig:
+    # model
+    base_model: str = DEFAULT_MODEL       # HF dir / hub id, or a config.json (random init demo)
+    tokenizer: str = ""                   # tokenizer.model path; "" = the base model's own, or
+                                          # (demo) one trained on the dataset
+    load_in_4bit: bool = True
+    adapter: str = "qlora"                # qlora (4-bit base) or lora (bf16/fp32 base)
+    # data
+    datasets: list = field(default_factory=lambda: [{"path": "builtin:sql", "type": "context_qa"}])
+    val_set_size: float = 0.05            # a fraction (< 1) or a number of rows (>= 1)
+    sequence_len: int = 256
+    pad_to_sequence_len: bool = False
+    sample_packing: bool = False
+    train_on_inputs: bool = False
+    # LoRA (paper eq. 5-6)
+    lora_r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    lora_target_linear: bool = True       # all linear layers but lm_head
+    lora_target_modules: list = field(default_factory=list)
+    # optimisation
+    optimizer: str = "paged_adamw_32bit"  # or adamw_torch
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_epochs: float = 1.0
+    max_steps: int = 120                  # 0 = run num_epochs
+    bf16: str | bool = "auto"             # auto: bf16 where the GPU supports it
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    # bookkeeping
+    output_dir: str = "out/demo"
+    logging_steps: int = 10
+    eval_steps: int = 40
+    save_steps: int = 60
+    resume_from_checkpoint: str | bool = False  # a checkpoint dir, or True for the latest
+    seed: int = 42
+    device: str = "auto"
+
+    @property
+    def lora_targets(self) -> list[str] | str:
+        return "all-linear" if self.lora_target_linear else list(self.lora_target_modules)
+
+
+# axolotl keys we read under another name or that mean nothing here but are harmless
+ALIASES = {"lr": "learning_rate", "epochs": "num_epochs"}
+
+
+def _coerce(name: str, value, default):
+    """Convert a YAML / command-line value to the type of the field's default, or raise."""
+    if value is None:
+        return default
+    kind = type(default)
+    try:
+        if name in ("bf16", "resume_from_checkpoint"):
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            return value
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind is int:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError
+            return value
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {name!r}: cannot read {value!r} as {kind.__name__}") from None
+
+
+def _validate(cfg: TrainConfig) -> TrainConfig:
+    def bad(msg):
+        raise ValueError(f"config: {msg}")
+
+    if cfg.adapter not in ("qlora", "lora"):
+        bad(f"adapter must be 'qlora' or 'lora', got {cfg.adapter!r}")
+    if cfg.adapter == "qlora" and not cfg.load_in_4bit:
+        bad("adapter 'qlora' needs load_in_4bit: true (or use adapter: lora for a 16-bit base)")
+    if cfg.adapter == "lora" and cfg.load_in_4bit:
+        bad("adapter 'lora' with load_in_4bit: true is QLoRA: set adapter: qlora")
+    if cfg.bf16 is True and cfg.fp16:
+        bad("bf16 and fp16 are both true: choose one")
+    if cfg.bf16 not in (True, False, "auto"):
+        bad(f"bf16 must be true, false or auto, got {cfg.bf16!r}")
+    if cfg.lora_target_linear and cfg.lora_target_modules:
+        bad("lora_target_linear: true and lora_target_modules both set: choose one")
+    if not cfg.lora_target_linear and not cfg.lora_target_modules:
+        bad("no LoRA targets: set lora_target_linear: true or list lora_target_modules")
+    unknown = [m for m in cfg.lora_target_modules if m not in LINEAR_MODULES]
+    if unknown:
+        bad(f"unknown lora_target_modules {unknown}; valid: {list(LINEAR_MODULES)}")
+    if cfg.optimizer not in ("paged_adamw_32bit", "adamw_torch"):
+        bad(f"optimizer {cfg.optimizer!r} is not supported: use paged_adamw_32bit or adamw_torch")
+    if cfg.lr_scheduler not in ("cosine", "constant"):
+        bad(f"lr_scheduler {cfg.lr_scheduler!r} is not supported: use cosine or constant")
+    for name in ("lora_r", "micro_batch_size", "gradient_accumulation_steps", "sequence_len",
+                 "logging_steps", "eval_steps", "save_steps"):
+        if getattr(cfg, name) <= 0:
+            bad(f"{name} must be > 0, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "max_steps", "weight_decay", "lora_dropout", "val_set_size", "max_grad_norm"):
+        if getattr(cfg, name) < 0:
+            bad(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.lora_dropout < 1:
+        bad(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.learning_rate <= 0:
+        bad(f"learning_rate must be > 0, got {cfg.learning_rate}")
+    if cfg.max_steps == 0 and cfg.num_epochs <= 0:
+        bad("num_epochs must be > 0 when max_steps is 0")
+    if not isinstance(cfg.datasets, list) or not cfg.datasets:
+        bad("datasets must be a non-empty list of {path, type}")
+    for i, d in enumerate(cfg.datasets):
+        if not isinstance(d, dict) or "path" not in d:
+            bad(f"datasets[{i}] needs a 'path' (and a 'type': context_qa or alpaca)")
+    return cfg
+
+
+def from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
+    """Fill a TrainConfig from a dict of axolotl-style keys; warn once about unknown keys."""
+    cfg = base or TrainConfig()
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    updates, unknown = {}, []
+    for key, value in values.items():
+        key = ALIASES.get(key, key)
+        if key not in fields:
+            unknown.append(key)
+            continue
+        updates[key] = _coerce(key, value, getattr(cfg, key))
+    if unknown:
+        warnings.warn(f"ignoring config keys this trainer does not use: {', '.join(sorted(unknown))}",
+                      stacklevel=2)
+    return _validate(dataclasses.replace(cfg, **updates))
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found: check the --config path")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys, got {type(values).__name__}")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """`--config FILE` plus `--key value` for any TrainConfig field (command line wins)."""
+    parser = argparse.ArgumentParser(description="QLoRA fine-tuning of a Llama model")
+    parser.add_argument("--config", help="a YAML file (axolotl-style keys)")
+    for f in dataclasses.fields(TrainConfig):
+        parser.add_argument(f"--{f.name}", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    values = load_yaml(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    if isinstance(values.get("datasets"), str):  # --datasets rows.jsonl or rows.jsonl:alpaca
+        path, kind = values["datasets"], "context_qa"
+        for known in ("context_qa", "alpaca"):
+            if path.endswith(":" + known):
+                path, kind = path[: -len(known) - 1], known
+        values["datasets"] = [{"path": path, "type": kind}]
+    return from_dict(values)

@@ -1,0 +1,75 @@
+"""The training config: YAML (axolotl keys, the seed's file), command line, bad values."""
+
+from pathlib import Path
+
+import pytest
+
+from qlora.config import TrainConfig, from_dict, load_yaml, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_seed_config_parses_with_one_warning_listing_unused_keys():
+    with pytest.warns(UserWarning) as record:
+        cfg = parse_args(["--config", str(ROOT / "configs/llama2-7b-sql.yml")])
+    assert len(record) == 1
+    message = str(record[0].message)
+    for key in ("model_type", "tokenizer_type", "flash_attention", "wandb_project"):
+        assert key in message
+    assert cfg.base_model == "meta-llama/Llama-2-7b-hf"
+    assert cfg.datasets == [{"path": "knowrohit07/know_sql", "type": "context_qa"}]
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (32, 16.0, 0.05)
+    assert cfg.lora_targets == "all-linear"
+    assert (cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.sequence_len) == (2, 4, 2048)
+    assert cfg.optimizer == "paged_adamw_32bit" and cfg.learning_rate == 2e-4
+    assert cfg.gradient_checkpointing and cfg.load_in_4bit and cfg.adapter == "qlora"
+    assert cfg.resume_from_checkpoint is False            # empty key keeps the default
+
+
+def test_command_line_overrides_yaml(tmp_path):
+    path = tmp_path / "c.yml"
+    path.write_text("learning_rate: 0.001\nlora_r: 8\nlora_target_linear: false\n"
+                    "lora_target_modules: [q_proj, v_proj]\n")
+    cfg = parse_args(["--config", str(path), "--lora_r", "4", "--datasets", "rows.jsonl:alpaca"])
+    assert cfg.lora_r == 4 and cfg.learning_rate == 1e-3
+    assert cfg.lora_targets == ["q_proj", "v_proj"]
+    assert cfg.datasets == [{"path": "rows.jsonl", "type": "alpaca"}]
+
+
+def test_defaults_are_valid():
+    assert from_dict({}) == TrainConfig()
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"bf16": True, "fp16": True}, "both true"),
+    ({"adapter": "qlora", "load_in_4bit": False}, "load_in_4bit"),
+    ({"adapter": "lora", "load_in_4bit": True}, "QLoRA"),
+    ({"lora_target_modules": ["q_proj"]}, "choose one"),
+    ({"lora_target_linear": False, "lora_target_modules": ["qkv"]}, "unknown lora_target_modules"),
+    ({"lora_r": 0}, "lora_r must be > 0"),
+    ({"learning_rate": -1}, "learning_rate"),
+    ({"micro_batch_size": "two"}, "micro_batch_size"),
+    ({"sequence_len": 1.5}, "sequence_len"),
+    ({"gradient_checkpointing": "maybe"}, "gradient_checkpointing"),
+    ({"optimizer": "sgd"}, "optimizer"),
+    ({"lr_scheduler": "linear"}, "lr_scheduler"),
+    ({"datasets": []}, "datasets"),
+    ({"lora_dropout": 1.0}, "lora_dropout"),
+])
+def test_bad_values_raise_one_line_errors(values, match):
+    with pytest.raises(ValueError, match=match) as e:
+        from_dict(values)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_yaml(tmp_path / "nope.yml")
+    bad = tmp_path / "bad.yml"
+    bad.write_text("lora_r: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_yaml(bad)
+    listy = tmp_path / "list.yml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_yaml(listy)
