@@ -1,0 +1,166 @@
+"""PagedAdamW against torch.optim.AdamW (the reference implementation of the same update)."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+from qlora.paged_adamw import PagedAdamW, is_managed
+
+
+def _tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 16),
+                                torch.nn.GELU(), torch.nn.Linear(16, 4))
+    model[2].bias.requires_grad_(False)  # a parameter that never gets a gradient: both must skip it
+    return model
+
+
+def _groups(model: torch.nn.Module) -> list[dict]:
+    # three groups: default hyperparameters, own lr and weight decay, own lr, betas and eps
+    return [{"params": model[0].parameters()},
+            {"params": model[2].parameters(), "lr": 3e-3, "weight_decay": 0.1},
+            {"params": model[4].parameters(), "lr": 2e-2, "betas": (0.8, 0.99), "eps": 1e-6}]
+
+
+def _train(model, optimizer, steps: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(5, 8, generator=generator)
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+
+
+def test_updates_equal_torch_adamw_over_20_steps():
+    ours_model, ref_model, foreach_model = _tiny_model(), _tiny_model(), _tiny_model()
+    ours = PagedAdamW(_groups(ours_model), lr=1e-2, weight_decay=0.01)
+    ref = torch.optim.AdamW(_groups(ref_model), lr=1e-2, weight_decay=0.01, foreach=False)
+    ref_foreach = torch.optim.AdamW(_groups(foreach_model), lr=1e-2, weight_decay=0.01, foreach=True)
+    _train(ours_model, ours, 20, seed=1)
+    _train(ref_model, ref, 20, seed=1)
+    _train(foreach_model, ref_foreach, 20, seed=1)
+    for p, p_ref, p_foreach in zip(ours_model.parameters(), ref_model.parameters(), foreach_model.parameters()):
+        # same ops in the same order as torch's single-tensor AdamW: equal to the bit on the CPU
+        assert torch.equal(p, p_ref)
+        torch.testing.assert_close(p, p_foreach, rtol=1e-6, atol=1e-7)
+    for p, p_start in zip(ours_model.parameters(), _tiny_model().parameters()):
+        assert torch.equal(p, p_start) != p.requires_grad  # trained ones moved, the frozen bias did not
+    for p, p_ref in zip(ours_model.parameters(), ref_model.parameters()):
+        if p.requires_grad:
+            assert torch.equal(ours.state[p]["exp_avg"], ref.state[p_ref]["exp_avg"])
+            assert torch.equal(ours.state[p]["exp_avg_sq"], ref.state[p_ref]["exp_avg_sq"])
+            assert ours.state[p]["step"] == int(ref.state[p_ref]["step"]) == 20
+
+
+def test_state_dict_round_trip_continues_identically():
+    # uninterrupted: 20 steps; interrupted: 10 steps, save, a fresh model and optimizer, load, 10 more
+    full_model = _tiny_model()
+    full = PagedAdamW(_groups(full_model), lr=1e-2, weight_decay=0.01)
+    _train(full_model, full, 10, seed=1)
+    _train(full_model, full, 10, seed=2)
+
+    first_model = _tiny_model()
+    first = PagedAdamW(_groups(first_model), lr=1e-2, weight_decay=0.01)
+    _train(first_model, first, 10, seed=1)
+    buffer = io.BytesIO()
+    torch.save({"model": first_model.state_dict(), "optimizer": first.state_dict()}, buffer)
+    saved = first.state_dict()
+    for state in saved["state"].values():  # ordinary fp32 CPU tensors, a snapshot (not aliases)
+        assert state["exp_avg"].device.type == "cpu" and state["exp_avg"].dtype == torch.float32
+    p0 = next(first_model.parameters())
+    assert saved["state"][0]["exp_avg"].data_ptr() != first.state[p0]["exp_avg"].data_ptr()
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    resumed_model = _tiny_model(seed=123)  # different weights: everything must come from the file
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed = PagedAdamW(_groups(resumed_model), lr=5.0, weight_decay=0.0)  # overwritten by the load
+    resumed.load_state_dict(checkpoint["optimizer"])
+    assert [g["lr"] for g in resumed.param_groups] == [1e-2, 3e-3, 2e-2]
+    _train(resumed_model, resumed, 10, seed=2)
+    for p, q in zip(full_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_load_state_dict_rejects_foreign_state():
+    model = _tiny_model()
+    optimizer = PagedAdamW(model.parameters(), lr=1e-3)
+    _train(model, optimizer, 1, seed=0)
+    sd = optimizer.state_dict()
+    broken = copy.deepcopy(sd)
+    del broken["state"][0]["exp_avg_sq"]
+    with pytest.raises(ValueError, match="lacks"):
+        PagedAdamW(_tiny_model().parameters(), lr=1e-3).load_state_dict(broken)
+    wrong_shape = copy.deepcopy(sd)
+    wrong_shape["state"][0]["exp_avg"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="shape"):
+        PagedAdamW(_tiny_model().parameters(), lr=1e-3).load_state_dict(wrong_shape)
+
+
+def test_bf16_parameters_update_in_fp32_and_round_once():
+    # Reference: torch.optim.AdamW on an fp32 copy whose weights are rounded to bf16 after each step,
+    # fed the same (bf16-representable) gradients: our fp32 state must give exactly that.
+    torch.manual_seed(0)
+    start = torch.randn(64, 33).bfloat16()
+    ours_p = torch.nn.Parameter(start.clone())
+    ref_p = torch.nn.Parameter(start.float())
+    ours = PagedAdamW([ours_p], lr=1e-2, weight_decay=0.05)
+    ref = torch.optim.AdamW([ref_p], lr=1e-2, weight_decay=0.05, foreach=False)
+    for _ in range(20):
+        grad = torch.randn(64, 33).bfloat16()
+        ours_p.grad, ref_p.grad = grad, grad.float()
+        ours.step()
+        ref.step()
+        with torch.no_grad():
+            ref_p.copy_(ref_p.bfloat16().float())
+    assert ours.state[ours_p]["exp_avg"].dtype == torch.float32
+    assert ours_p.dtype == torch.bfloat16
+    assert torch.equal(ours_p.float(), ref_p)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=-1e-3), "lr"),
+    (dict(lr=1e-3, betas=(1.0, 0.999)), "betas"),
+    (dict(lr=1e-3, betas=(0.9, -0.1)), "betas"),
+    (dict(lr=1e-3, eps=-1e-8), "eps"),
+    (dict(lr=1e-3, weight_decay=-0.1), "weight_decay"),
+    (dict(lr=float("nan")), "lr"),
+])
+def test_bad_hyperparameters_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PagedAdamW(_tiny_model().parameters(), **kwargs)
+
+
+def test_bad_hyperparameters_in_a_param_group_raise_value_error():
+    model = _tiny_model()
+    with pytest.raises(ValueError, match="betas"):
+        PagedAdamW([{"params": model[0].parameters()},
+                    {"params": model[4].parameters(), "betas": (0.9, 1.5)}], lr=1e-3)
+
+
+def test_cpu_state_is_ordinary_memory():
+    # paged=True on the CPU is a plain AdamW: nothing to page, and no CUDA runtime is touched
+    model = _tiny_model()
+    optimizer = PagedAdamW(model.parameters(), lr=1e-3, paged=True)
+    _train(model, optimizer, 2, seed=0)
+    state = optimizer.state[model[0].weight]
+    assert state["exp_avg"].device.type == "cpu" and not is_managed(state["exp_avg"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_state_lives_in_managed_memory_and_matches_torch():
+    torch.manual_seed(0)
+    w = torch.randn(512, 256, device="cuda")  # 131072 elements: above the paging threshold
+    ours_p, ref_p = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    ours = PagedAdamW([ours_p], lr=1e-3, weight_decay=0.01)
+    ref = torch.optim.AdamW([ref_p], lr=1e-3, weight_decay=0.01, foreach=False)
+    for _ in range(20):
+        grad = torch.randn_like(w)
+        ours_p.grad, ref_p.grad = grad, grad.clone()
+        ours.step()
+        ref.step()
+    assert is_managed(ours.state[ours_p]["exp_avg"]) and is_managed(ours.state[ours_p]["exp_avg_sq"])
+    assert not is_managed(ref.state[ref_p]["exp_avg"])
+    torch.testing.assert_close(ours_p, ref_p, rtol=1e-6, atol=1e-7)
