@@ -1,0 +1,438 @@
+"""LoRA adapters on frozen (4-bit or 16/32-bit) linear layers, and PEFT-compatible files.
+
+QLoRA paper (arXiv 2305.14314) section 3, eq. 5-6: the frozen base weight W (NF4 in QLoRA) is
+dequantized for the matmul, and a low-rank update B A is added beside it,
+
+    Y = X W^T + s * (X A^T) B^T,    s = alpha / r   (alpha / sqrt(r) with rsLoRA)
+
+so only A [r, in] and B [out, r] are trained; gradients flow through the frozen W to X but W
+itself never gets one. Files use PEFT's layout (adapter_config.json + adapter_model.safetensors)
+so an adapter trained here loads in peft.PeftModel, and the other way round.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qlora.linear4bit import Linear4bit
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PEFT_PREFIX = "base_model.model."       # PeftModel wraps the CausalLM: base_model.model.<path>
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+# ----------------------------------------------------------------------------- the layer
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (nn.Linear or Linear4bit) plus a trainable low-rank update (eq. 5)."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        _check_lora_args(r, alpha, dropout, dtype)
+        if not isinstance(base, (nn.Linear, Linear4bit)):
+            raise ValueError(f"LoRALinear wraps nn.Linear or Linear4bit, got {type(base).__name__}")
+        self.base = base.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        # rsLoRA (Kalajievic 2023) divides by sqrt(r) so that raising r does not shrink the update.
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # A as PEFT (and Microsoft's loralib) initialise it: nn.Linear's default Kaiming-uniform;
+        # B = 0, so the model starts exactly at the base model. A is drawn on the CPU in fp32 and
+        # then moved, as PEFT does, so the same seed gives the same A on any device.
+        lora_a = torch.empty(r, self.in_features)
+        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+        device = _device_of(base)
+        self.lora_a = nn.Parameter(lora_a.to(device, dtype))                            # [r, in]
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))  # [out, r]
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)                                                     # (..., out)
+        if self.merged:
+            return y
+        # The adapter runs in the compute dtype of x (bf16 in QLoRA); A and B are cast to it, and
+        # autograd casts their gradients back to the storage dtype (fp32 by default).
+        h = F.linear(self.dropout(x), self.lora_a.to(x.dtype))               # (..., r)
+        return y + F.linear(h, self.lora_b.to(x.dtype)) * self.scaling       # (..., out)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A, fp32 [out, in]: what merging adds to the base weight."""
+        return (self.lora_b.detach().float() @ self.lora_a.detach().float()) * self.scaling
+
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight (dequantized if 4-bit) plus the update, fp32 [out, in]."""
+        if self.merged:                               # the base weight holds the update already
+            return _base_weight(self.base)
+        return _base_weight(self.base) + self.delta_weight()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update into an nn.Linear base weight, so forward costs one matmul."""
+        if isinstance(self.base, Linear4bit):
+            # Re-quantizing W + BA to NF4 would throw away most of what the adapter learned (its
+            # entries are far below one NF4 step), so 4-bit models merge only on export.
+            raise ValueError("cannot merge into a 4-bit base in place (re-quantizing loses the update): "
+                             "use merged_state_dict(model) or save_merged(...) to export a merged model")
+        if self.merged:
+            raise RuntimeError("layer is merged already; call unmerge() first")
+        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again (exact up to rounding of the base weight's dtype)."""
+        if not self.merged:
+            raise RuntimeError("layer is not merged; nothing to unmerge")
+        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, use_rslora={self.use_rslora}, "
+                f"dtype={self.lora_a.dtype}, merged={self.merged}")
+
+
+def _check_lora_args(r, alpha, dropout, dtype) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+    if not alpha > 0:
+        raise ValueError(f"lora alpha must be > 0, got {alpha!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"lora dropout must be in [0, 1), got {dropout!r}")
+    if dtype not in ADAPTER_DTYPES:
+        raise ValueError(f"adapter dtype {dtype} is not supported: use torch.float32, torch.bfloat16 or torch.float16")
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()))
+    return tensor.device
+
+
+def _base_weight(base: nn.Module) -> torch.Tensor:
+    """The frozen weight [out, in] in fp32, dequantized if the base is 4-bit."""
+    if isinstance(base, Linear4bit):
+        return base.dequantize(torch.float32)
+    return base.weight.detach().float()
+
+
+# ----------------------------------------------------------------------------- the model
+
+def _matches(name: str, target: str) -> bool:
+    # PEFT's rule: a target is a module path or its last parts ("q_proj" matches "...self_attn.q_proj").
+    return name == target or name.endswith("." + target)
+
+
+def find_lora_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """Paths of the modules `targets` selects: a list of names like "q_proj" (or full module paths,
+    as PEFT writes them), or "all-linear" for every linear layer except lm_head."""
+    if targets == "all-linear":
+        names = [name for name, m in model.named_modules()
+                 if isinstance(m, (nn.Linear, Linear4bit)) and not isinstance(_parent_of(model, name), LoRALinear)
+                 and name.split(".")[-1] != "lm_head"]
+        if not names:
+            raise ValueError("'all-linear' found no nn.Linear or Linear4bit layer (besides lm_head) to adapt")
+        return names
+    if isinstance(targets, str) or not targets:
+        raise ValueError(f"targets must be 'all-linear' or a non-empty list of {list(LINEAR_NAMES)}, "
+                         f"got {targets!r}")
+    unknown = [t for t in targets if not isinstance(t, str) or t.split(".")[-1] not in LINEAR_NAMES]
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {unknown}: valid names are {list(LINEAR_NAMES)} "
+                         "or 'all-linear'")
+    names = [name for name, _ in model.named_modules() if any(_matches(name, t) for t in targets)]
+    for target in targets:
+        if not any(_matches(name, target) for name in names):
+            raise ValueError(f"LoRA target {target!r} matches no module of the model: "
+                             "is this the model the target list was made for?")
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"{name} has a LoRA adapter already: apply LoRA to a fresh base model")
+        if not isinstance(module, (nn.Linear, Linear4bit)):
+            raise ValueError(f"LoRA target {name} is a {type(module).__name__}, not a linear layer")
+    return names
+
+
+def _parent_of(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rpartition(".")[0])
+
+
+def apply_lora(model: nn.Module, targets: list[str] | str, r: int, alpha: float, dropout: float = 0.0,
+               use_rslora: bool = False, dtype: torch.dtype = torch.float32, verbose: bool = True) -> nn.Module:
+    """Freeze `model` and wrap the target linear layers in LoRALinear, in place; returns the model.
+
+    Prints PEFT's line "trainable params: X || all params: Y || trainable%: Z" when verbose.
+    """
+    _check_lora_args(r, alpha, dropout, dtype)
+    names = find_lora_targets(model, targets)
+    model.requires_grad_(False)
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        holder = model.get_submodule(parent)
+        setattr(holder, leaf, LoRALinear(getattr(holder, leaf), r, alpha, dropout, use_rslora, dtype))
+    if verbose:
+        print(trainable_summary(model))
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts. A 4-bit weight counts as out * in parameters (what it
+    stands for, as PEFT counts bitsandbytes' Params4bit); its absmax/code buffers are not counted."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, Linear4bit))
+    return trainable, total
+
+
+def trainable_summary(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}")
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+# ----------------------------------------------------------------------------- merged export
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16, device="cpu") -> dict:
+    """Hugging Face-layout tensors of the model with every adapter merged in: `<path>.weight` =
+    dequant(W) + scaling * B @ A (computed in fp32, rounded once to `dtype`); 4-bit layers without
+    an adapter are dequantized; other floating-point tensors are cast to `dtype`."""
+    # The outermost LoRALinear / Linear4bit modules; their internal keys (base.packed, lora_a, ...)
+    # are replaced by a plain weight (and bias).
+    special = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (LoRALinear, Linear4bit)) and not any(name.startswith(p + ".") for p in special):
+            special[name] = m
+    out, done = {}, set()
+    for key, tensor in model.state_dict().items():
+        parts = key.split(".")
+        owner = next((".".join(parts[:i]) for i in range(len(parts)) if ".".join(parts[:i]) in special), None)
+        if owner is None:
+            out[key] = tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
+        elif owner not in done:
+            done.add(owner)
+            m = special[owner]
+            base = m.base if isinstance(m, LoRALinear) else m
+            weight = m.merged_weight() if isinstance(m, LoRALinear) else _base_weight(m)
+            prefix = owner + "." if owner else ""
+            out[prefix + "weight"] = weight.to(device, dtype)
+            if base.bias is not None:
+                out[prefix + "bias"] = base.bias.detach().to(device, dtype)
+    return out
+
+
+def _parse_size(size) -> int:
+    if isinstance(size, int) and size > 0:
+        return size
+    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)\s*", str(size).upper())
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"max_shard_size {size!r} is not a size: use bytes (int) or a string like '5GB'")
+    return int(float(match.group(1)) * units[match.group(2)])
+
+
+def _write_dir_atomically(out_dir, write, overwrite: bool) -> Path:
+    """Run write(tmp_dir) in a sibling temp directory, then rename it to out_dir.
+
+    A crash leaves only a hidden .tmp directory; out_dir is either absent, the old one or complete.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file: pass a directory path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(f"{out_dir} exists and is not empty: choose a new directory or pass overwrite=True")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)                          # mkdtemp makes it private (0700)
+        write(tmp)
+        if out_dir.exists():                          # rename() cannot replace a non-empty directory
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "dir")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def save_merged(model: nn.Module, config_dict: dict, out_dir, max_shard_size="5GB",
+                dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> Path:
+    """Write a merged model that transformers' from_pretrained loads: config.json and
+    model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
+    limit = _parse_size(max_shard_size)
+    config = {k: v for k, v in config_dict.items() if k not in ("quantization_config", "torch_dtype")}
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    state = merged_state_dict(model, dtype)
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)             # the loader ties it to embed_tokens again
+    state = {k: v.contiguous() for k, v in state.items()}
+
+    shards, size = [{}], 0                            # greedy, in state_dict order, like transformers
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, tmp / filename, metadata={"format": "pt"})
+            weight_map.update({key: filename for key in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    return _write_dir_atomically(out_dir, write, overwrite)
+
+
+# ----------------------------------------------------------------------------- PEFT adapter files
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    """The adapter weights under PEFT's names: base_model.model.<path>.lora_A.weight / .lora_B.weight."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_a.detach()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_b.detach()
+    return out
+
+
+def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers: call apply_lora(model, ...) first")
+    settings = {(m.r, m.alpha, _dropout_p(m), m.use_rslora) for m in layers.values()}
+    if len(settings) > 1:
+        raise ValueError(f"LoRA layers differ in (r, alpha, dropout, use_rslora) {sorted(settings)}: "
+                         "PEFT's file holds one setting for all layers")
+    (r, alpha, dropout, use_rslora), = settings
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
+        "target_modules": sorted({name.split(".")[-1] for name in layers}),
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "lora_bias": False, "revision": None,
+    }
+    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+
+    def write(tmp: Path) -> None:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+
+    return _write_dir_atomically(out_dir, write, overwrite)
+
+
+def _dropout_p(layer: LoRALinear) -> float:
+    return layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
+
+
+def read_adapter_config(adapter_dir) -> dict:
+    """adapter_config.json, checked for the LoRA features this file implements."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pass a directory written by save_adapter or "
+                                "PEFT's save_pretrained")
+    config = json.loads(path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}, only 'LORA' adapters load here")
+    unsupported = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
+                   "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+    for key, plain in unsupported.items():
+        if config.get(key) not in (plain, None, {}, []):
+            raise ValueError(f"{path}: {key}={config[key]!r} is not supported here (plain LoRA only)")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{path}: bias={config['bias']!r} is not supported here; only bias 'none'")
+    return config
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, adapter_dir, dtype: torch.dtype | None = None) -> nn.Module:
+    """Apply LoRA to `model` as adapter_config.json says and load the weights; returns the model.
+
+    dtype: adapter storage dtype; None keeps the file's. The model is left untouched on error.
+    """
+    config = read_adapter_config(adapter_dir)
+    weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} not found (adapter_model.bin is not supported: "
+                                "re-save the adapter with safetensors)")
+    with safe_open(weights_path, "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    hint = f"(adapter made for base model {config.get('base_model_name_or_path')!r})"
+
+    # Which layers the file holds, by module path.
+    paths = {}
+    for key in tensors:
+        match = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.lora_([AB])\.weight", key)
+        if not match:
+            raise ValueError(f"{weights_path}: unexpected tensor {key!r}; only lora_A/lora_B weights load here")
+        paths.setdefault(match.group(1), {})[match.group(2)] = tensors[key]
+    targets = config["target_modules"]
+    try:
+        names = find_lora_targets(model, targets)
+    except ValueError as e:
+        raise ValueError(f"adapter {adapter_dir} does not fit this model {hint}: {e}") from None
+    if set(names) != set(paths):
+        n_file, n_model = _layer_count(paths), _layer_count(names)
+        extra, missing = sorted(set(paths) - set(names)), sorted(set(names) - set(paths))
+        what = f"the adapter has {n_file} layers, the model {n_model}" if n_file != n_model else \
+               f"unmatched layers: in file only {extra[:3]}, in model only {missing[:3]}"
+        raise ValueError(f"adapter {adapter_dir} does not fit this model {hint}: {what}")
+
+    r = config["r"]
+    for name in names:
+        base = model.get_submodule(name)
+        want = {"A": (r, base.in_features), "B": (base.out_features, r)}
+        for ab, shape in want.items():
+            got = paths[name].get(ab)
+            if got is None:
+                raise ValueError(f"{weights_path}: lora_{ab} of {name} is missing")
+            if tuple(got.shape) != shape:
+                raise ValueError(f"adapter {adapter_dir} does not fit this model {hint}: lora_{ab} of {name} "
+                                 f"has shape {list(got.shape)}, the model needs {list(shape)}")
+
+    dtype = dtype or next(iter(tensors.values())).dtype
+    apply_lora(model, names, r, config["lora_alpha"], config.get("lora_dropout", 0.0),
+               config.get("use_rslora", False), dtype, verbose=False)
+    for name, layer in lora_layers(model).items():
+        layer.lora_a.copy_(paths[name]["A"])
+        layer.lora_b.copy_(paths[name]["B"])
+    return model
+
+
+def _layer_count(paths) -> int:
+    layers = {int(m.group(1)) for p in paths if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", p))}
+    return max(layers) + 1 if layers else 0
