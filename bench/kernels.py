@@ -1,0 +1,171 @@
+"""GPU benchmark of the NF4 kernels against bitsandbytes and bf16 cuBLAS, in one run.
+
+    python -m bench.kernels [--tokens 4096] [--json results.json]
+
+For each Llama weight shape it times: dequantization (ours vs bnb.functional.dequantize_4bit),
+batch-1 decode (our GEMV vs bnb.matmul_4bit with a 1-row input vs bf16 F.linear), and the
+training-path products y = x @ W^T and grad_x = grad_y @ W for `--tokens` rows (our fused kernel,
+our dequant + cuBLAS, bnb.matmul_4bit, bf16 cuBLAS). The copy and bf16 matmul ceilings are measured
+in the same run. Weights are quantized once by bitsandbytes and shared by both sides (the bytes are
+the same format); each timing rotates over enough weights that they do not fit in the 50 MB L2,
+and triton's do_bench also flushes L2 before every call. Times are medians.
+"""
+
+import argparse
+import json
+import math
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from kernels import dequantize_nf4_triton, gemv_nf4, matmul_nf4, matmul_nf4_grad
+from qlora.nf4 import QuantState, dequantize_nf4
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]   # [out, in]
+ROTATE_BYTES = 256 * 2**20    # each timing cycles through at least this many bytes of weights
+
+
+def median_us(fn, rotate: int) -> float:
+    """Median time of fn(i) in microseconds, i cycling over range(rotate)."""
+    counter = iter(range(10**9))
+    return 1e3 * do_bench(lambda: fn(next(counter) % rotate), warmup=50, rep=300, return_mode="median")
+
+
+def ceilings() -> dict:
+    n = 2**30                                             # 1 GiB copy: bytes read + bytes written
+    src, dst = torch.randn(n // 4, device="cuda"), torch.empty(n // 4, device="cuda")
+    copy_s = do_bench(lambda: dst.copy_(src), return_mode="median") / 1e3
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mm_s = do_bench(lambda: a @ b, return_mode="median") / 1e3
+    del src, dst
+    return {"copy_TBps": 2 * n / copy_s / 1e12, "matmul_bf16_8192_TFLOPs": 2 * 8192**3 / mm_s / 1e12}
+
+
+def bnb_quantize(bnb_f, out_f: int, in_f: int, count: int):
+    """`count` random weights quantized by bitsandbytes -> list of (bnb packed, bnb state, our state)."""
+    weights = []
+    for _ in range(count):
+        w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.02
+        packed, qs = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        ours = QuantState(absmax=qs.absmax, shape=torch.Size((out_f, in_f)), dtype=torch.bfloat16, blocksize=64,
+                          code=qs.code, absmax2=qs.state2.absmax, code2=qs.state2.code, offset=qs.offset,
+                          blocksize2=qs.state2.blocksize)
+        weights.append((packed, qs, ours))
+    return weights
+
+
+def check(weights, bnb_f, bnb, tokens: int) -> dict:
+    """Correctness on the GPU for one weight: exactness of dequant, relative errors of the products."""
+    packed, qs, ours = weights[0]
+    ref = dequantize_nf4(packed.view(-1), ours)                           # pure PyTorch reference
+    deq = dequantize_nf4_triton(packed.view(-1), ours, torch.bfloat16)
+    bnb_deq = bnb_f.dequantize_4bit(packed, qs)
+    w64 = ref.double()
+    rel = lambda out, exact: ((out.double() - exact).norm() / exact.norm()).item()
+    x = torch.randn(tokens, ours.shape[1], device="cuda", dtype=torch.bfloat16)
+    gy = torch.randn(tokens, ours.shape[0], device="cuda", dtype=torch.bfloat16)
+    x1 = x[:1].contiguous()
+    return {"dequant_equals_reference": torch.equal(deq, ref), "dequant_equals_bnb": torch.equal(deq, bnb_deq),
+            "matmul_rel_err": rel(matmul_nf4(x, packed.view(-1), ours), x.double() @ w64.T),
+            "matmul_grad_rel_err": rel(matmul_nf4_grad(gy, packed.view(-1), ours), gy.double() @ w64),
+            "gemv_rel_err": rel(gemv_nf4(x1, packed.view(-1), ours), x1.double() @ w64.T),
+            "gemv16_rel_err": rel(gemv_nf4(x[:16].contiguous(), packed.view(-1), ours), x[:16].double() @ w64.T),
+            "bnb_matmul_rel_err": rel(bnb.matmul_4bit(x, packed.t(), qs), x.double() @ w64.T)}
+
+
+def bench_shape(out_f: int, in_f: int, tokens: int, bnb_f, bnb) -> dict:
+    n = out_f * in_f
+    packed_bytes = n // 2 + n // 64 + 4 * math.ceil(n / 64 / 256)      # codes + u8 absmax + fp32 absmax2
+    count = max(2, math.ceil(ROTATE_BYTES / packed_bytes))
+    weights = bnb_quantize(bnb_f, out_f, in_f, count)
+    r = {"shape": f"{out_f}x{in_f}", "rotate": count, **check(weights, bnb_f, bnb, tokens)}
+    P = lambda i: weights[i][0].view(-1)
+    S = lambda i: weights[i][2]
+
+    # dequantization: packed + absmax read, bf16 written
+    r["dequant_us"] = median_us(lambda i: dequantize_nf4_triton(P(i), S(i), torch.bfloat16), count)
+    r["bnb_dequant_us"] = median_us(lambda i: bnb_f.dequantize_4bit(weights[i][0], weights[i][1]), count)
+    moved = packed_bytes + 2 * n
+    r["dequant_TBps"], r["bnb_dequant_TBps"] = moved / r["dequant_us"] / 1e6, moved / r["bnb_dequant_us"] / 1e6
+
+    # batch-1 decode
+    x1 = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
+    r["gemv_us"] = median_us(lambda i: gemv_nf4(x1, P(i), S(i)), count)
+    r["bnb_gemv_us"] = median_us(lambda i: bnb.matmul_4bit(x1, weights[i][0].t(), weights[i][1]), count)
+    r["gemv_TBps"] = (packed_bytes + 2 * (in_f + out_f)) / r["gemv_us"] / 1e6
+    for m in (4, 16):
+        xm = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
+        r[f"gemv{m}_us"] = median_us(lambda i: gemv_nf4(xm, P(i), S(i)), count)
+    dense_count = max(2, math.ceil(ROTATE_BYTES / (2 * n)))
+    dense = [torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) for _ in range(dense_count)]
+    r["dense_gemv_us"] = median_us(lambda i: F.linear(x1, dense[i]), dense_count)
+
+    # training path, forward and input gradient
+    x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
+    gy = torch.randn(tokens, out_f, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * tokens * n
+    r["matmul_fused_us"] = median_us(lambda i: matmul_nf4(x, P(i), S(i)), count)
+    r["matmul_deq_cublas_us"] = median_us(lambda i: F.linear(x, dequantize_nf4_triton(P(i), S(i))), count)
+    r["bnb_matmul_us"] = median_us(lambda i: bnb.matmul_4bit(x, weights[i][0].t(), weights[i][1]), count)
+    r["dense_matmul_us"] = median_us(lambda i: F.linear(x, dense[i]), dense_count)
+    r["grad_fused_us"] = median_us(lambda i: matmul_nf4_grad(gy, P(i), S(i)), count)
+    r["grad_deq_cublas_us"] = median_us(lambda i: gy @ dequantize_nf4_triton(P(i), S(i)), count)
+    r["dense_grad_us"] = median_us(lambda i: gy @ dense[i], dense_count)
+    for key in ("matmul_fused", "matmul_deq_cublas", "bnb_matmul", "dense_matmul", "grad_fused",
+                "grad_deq_cublas", "dense_grad"):
+        r[key + "_TFLOPs"] = flops / r[key + "_us"] / 1e6
+    return r
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="rows of x for the training-path products")
+    parser.add_argument("--json", help="write all numbers to this file")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench.kernels needs a CUDA GPU")
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_f
+
+    torch.manual_seed(0)
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "bitsandbytes": bnb.__version__, **ceilings()}
+    print(json.dumps(info), flush=True)
+    rows = []
+    for out_f, in_f in SHAPES:
+        try:
+            rows.append(bench_shape(out_f, in_f, args.tokens, bnb_f, bnb))
+            print(json.dumps(rows[-1]), flush=True)
+        except Exception:
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
+        import os
+        os.replace(args.json + ".tmp", args.json)
+
+    print(f"\ncopy {info['copy_TBps']:.2f} TB/s, bf16 matmul 8192^3 {info['matmul_bf16_8192_TFLOPs']:.0f} TFLOP/s")
+    print("| weight | dequant us (TB/s) | bnb dequant us (TB/s) | gemv b1 us | bnb gemv us | ratio | dense gemv us |"
+          " gemv b4 / b16 us |")
+    for r in rows:
+        print(f"| {r['shape']} | {r['dequant_us']:.1f} ({r['dequant_TBps']:.2f}) | {r['bnb_dequant_us']:.1f} "
+              f"({r['bnb_dequant_TBps']:.2f}) | {r['gemv_us']:.1f} | {r['bnb_gemv_us']:.1f} | "
+              f"{r['bnb_gemv_us'] / r['gemv_us']:.2f}x | {r['dense_gemv_us']:.1f} | {r['gemv4_us']:.1f} / "
+              f"{r['gemv16_us']:.1f} |")
+    print(f"\n| weight | fwd fused us (TFLOP/s) | fwd dequant+cuBLAS us | bnb us | bf16 us | fused/bf16 | "
+          f"grad fused us | grad dequant+cuBLAS us | grad bf16 us | fused/bf16 |")
+    for r in rows:
+        print(f"| {r['shape']} | {r['matmul_fused_us']:.0f} ({r['matmul_fused_TFLOPs']:.0f}) | "
+              f"{r['matmul_deq_cublas_us']:.0f} | {r['bnb_matmul_us']:.0f} | {r['dense_matmul_us']:.0f} | "
+              f"{r['matmul_fused_us'] / r['dense_matmul_us']:.3f} | {r['grad_fused_us']:.0f} | "
+              f"{r['grad_deq_cublas_us']:.0f} | {r['dense_grad_us']:.0f} | "
+              f"{r['grad_fused_us'] / r['dense_grad_us']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
