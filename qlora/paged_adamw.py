@@ -162,8 +162,12 @@ def prefetch(tensor: torch.Tensor) -> None:
 
 
 def is_managed(tensor: torch.Tensor) -> bool:
-    """True if the tensor's memory came from cudaMallocManaged (cudaPointerGetAttributes type 3)."""
-    if not tensor.is_cuda:
+    """True if the tensor's memory came from cudaMallocManaged (cudaPointerGetAttributes type 3).
+
+    Works on any tensor when CUDA is available: bitsandbytes' paged state, for one, is managed
+    memory wrapped as a CPU tensor.
+    """
+    if not torch.cuda.is_available():
         return False
     lib, _ = _cudart()
     attributes = _PointerAttributes()
