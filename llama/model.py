@@ -1,0 +1,306 @@
+"""Llama 2 / Llama 3.x in plain PyTorch: the frozen base model that QLoRA fine-tunes.
+
+The module tree mirrors Hugging Face's LlamaForCausalLM, so `state_dict()` keys are the checkpoint
+keys (model.embed_tokens.weight, model.layers.0.self_attn.q_proj.weight, ..., lm_head.weight). The
+seven projections of a block are plain attributes: anything with forward(x) fits there (nn.Linear,
+qlora.linear4bit.Linear4bit, a LoRA wrapper), which is how QLoRA puts NF4 weights and adapters on
+every linear layer of the block (paper section 4, "QLoRA vs. standard finetuning").
+
+    model(input_ids)                    -> logits (B, T, vocab); training, no cache
+    model.setup_cache(B, max_len)       then model(ids, start_pos=p) writes and reads the KV cache
+    model(ids, return_hidden=True)      -> final hidden states (B, T, C) before lm_head
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class RopeScaling:
+    """Llama 3.1 RoPE frequency scaling (config "rope_type": "llama3")."""
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: as many as query heads (Llama 2 7B/13B)
+    head_dim: int | None = None             # None: hidden_size // num_attention_heads
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                                 f"{self.num_attention_heads}: set head_dim explicitly")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}: fix config.json")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        """Read a Hugging Face config.json dict (Llama 2, Llama 3, 3.1, 3.2; transformers 4 or 5)."""
+        if hf.get("model_type", "llama") != "llama":
+            raise ValueError(f"model_type {hf['model_type']!r} is not supported: only 'llama' checkpoints load")
+        for arch in hf.get("architectures") or ["LlamaForCausalLM"]:
+            if arch != "LlamaForCausalLM":
+                raise ValueError(f"architectures {arch!r} is not supported: only LlamaForCausalLM checkpoints load")
+        for key, value in hf.items():
+            if key in _HF_FIELDS or key in _ROPE_FIELDS or key in ("model_type", "architectures"):
+                continue
+            if key not in _HF_HARMLESS:
+                raise ValueError(f"config field {key!r} is not known for Llama: remove it or use a plain Llama checkpoint")
+            allowed = _HF_HARMLESS[key]
+            if allowed is not None and value not in allowed:
+                raise ValueError(f"config field {key}={value!r} is not supported: this Llama needs {key} in {allowed}")
+        theta, scaling = _rope_from_hf(hf)
+        kwargs = {k: hf[k] for k in _HF_FIELDS if k in hf and hf[k] is not None}
+        return cls(**kwargs, rope_theta=theta, rope_scaling=scaling)
+
+
+# Fields of LlamaConfig that config.json spells the same way.
+_HF_FIELDS = tuple(f.name for f in fields(LlamaConfig) if f.name not in ("rope_theta", "rope_scaling"))
+# transformers < 5 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters.
+_ROPE_FIELDS = ("rope_theta", "rope_scaling", "rope_parameters")
+# config.json fields that change nothing in this model, with the values that keep it so (None: any).
+# pretraining_tp > 1 only made transformers split each matmul into slices: the same math.
+_HF_HARMLESS = {
+    "torch_dtype": None, "dtype": None, "transformers_version": None, "_name_or_path": None,
+    "initializer_range": None, "use_cache": None, "pretraining_tp": None,
+    "hidden_act": ("silu",), "attention_bias": (False,), "mlp_bias": (False,), "attention_dropout": (0, 0.0),
+}
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"rope_scaling type {kind!r} is not supported: use 'llama3' (Llama 3.1/3.2) or none")
+    names = [f.name for f in fields(RopeScaling)]
+    for key in params:
+        if key not in ("rope_type", "type", "rope_theta", *names):
+            raise ValueError(f"rope_scaling field {key!r} is not supported: only {names} (llama3 scaling)")
+    if kind == "default":
+        return theta, None
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"rope_scaling of type 'llama3' lacks {missing}: add them to config.json")
+    return theta, RopeScaling(**{n: params[n] for n in names})
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(config: LlamaConfig, device=None) -> torch.Tensor:
+    """fp32 [head_dim / 2] rotation frequencies theta^(-2i/d), with Llama 3.1 scaling if configured."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3.1: wavelengths longer than the original context are stretched by `factor`, short ones
+    # are kept, and the band between is interpolated smoothly (as Meta's and HF's reference code).
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [T, head_dim] for integer positions [T], computed in fp32 and cast to `dtype`."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]   # (T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)                   # (T, hd): HF layout, halves not pairs
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, hd) by position. HF checkpoints pair dim i with dim i + hd/2 (rotate_half)."""
+    x1, x2 = x.chunk(2, dim=-1)                               # (B, H, T, hd/2) each
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------- layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (bf16 sums of squares lose too much), scale in the input dtype, as HF.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static cache: keys and values of every position so far, [B, n_kv_heads, max_len, head_dim]."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, device, dtype):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, n_kv, T, hd) at start_pos; return the cache up to start_pos + T."""
+        B, _, T, _ = k.shape
+        end = start_pos + T
+        if B > self.k.shape[0] or end > self.k.shape[2]:
+            raise ValueError(f"batch {B} x positions {start_pos}..{end - 1} do not fit the cache "
+                             f"{self.k.shape[0]} x {self.k.shape[2]}: call setup_cache with larger sizes")
+        self.k[:B, :, start_pos:end] = k
+        self.v[:B, :, start_pos:end] = v
+        return self.k[:B, :, :end], self.v[:B, :, :end]       # (B, n_kv, end, hd)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        C = config.hidden_size
+        self.q_proj = nn.Linear(C, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, start_pos: int | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        mask, is_causal = None, T > 1
+        if start_pos is not None:
+            if self.kv_cache is None:
+                raise ValueError("start_pos given but there is no KV cache: call model.setup_cache(...) first")
+            k, v = self.kv_cache.update(start_pos, k, v)                               # (B, nkv, L, hd)
+            L = k.shape[2]
+            # The queries sit at positions L-T .. L-1. SDPA's is_causal aligns its mask top-left,
+            # right only when L == T; one query sees every key; a chunk after a prefix needs a mask.
+            if T > 1 and L > T:
+                mask = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(diagonal=L - T)  # (T, L)
+                is_causal = False
+        # Grouped-query attention: each of the n_kv_heads serves n_heads / n_kv_heads query heads.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)               # (B, T, nh*hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, start_pos: int | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------- the model
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        # A ModuleDict named `model`, so parameter names match HF's LlamaForCausalLM (model.layers.0...).
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Not in the checkpoint (persistent=False): recomputed from the config.
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # Recompute each block's activations in the backward pass instead of storing them (QLoRA
+        # trains with gradient checkpointing; paper section 4 and appendix on memory footprint).
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids: torch.Tensor, start_pos: int | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab), or hidden states (B, T, C) if return_hidden.
+
+        start_pos=None: no cache, positions 0..T-1. An int: the tokens sit at start_pos..start_pos+T-1,
+        their keys/values go into the cache (see setup_cache) and they attend to every earlier position.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)                                         # (B, T, C)
+        positions = torch.arange(T, device=input_ids.device) + (start_pos or 0)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)                     # (T, hd) each
+        use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled() and start_pos is None
+        for layer in self.model.layers:
+            if use_checkpoint:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, start_pos)
+        x = self.model.norm(x)                                                          # (B, T, C)
+        return x if return_hidden else self.lm_head(x)                                 # (B, T, vocab)
+
+    def setup_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> None:
+        """Give every attention layer a zeroed KV cache for batch_size rows of max_len positions."""
+        w = self.model.embed_tokens.weight
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            attn.kv_cache = KVCache(batch_size, attn.n_kv_heads, max_len, attn.head_dim,
+                                    device or w.device, dtype or w.dtype)
+
+    def clear_cache(self) -> None:
+        """Drop the KV caches (frees their memory)."""
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None

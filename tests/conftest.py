@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random Llama checkpoints written by transformers, and a tiny tokenizer.
+
+Other test files can import the plain functions: `from conftest import write_tiny_llama`.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+LLAMA2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "llama2-tokenizer.model"
+
+# hidden 64, 2 layers, vocab 128; the variants add what Llama 2 / 3.x checkpoints differ in.
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1,
+            eos_token_id=2, initializer_range=0.1)
+VARIANTS = {
+    "mha": {},
+    "gqa": dict(num_key_value_heads=2),
+    "llama3_rope": dict(num_key_value_heads=2, rope_theta=500000.0,
+                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                          high_freq_factor=4.0, original_max_position_embeddings=16)),
+    "tied": dict(tie_word_embeddings=True),
+    "head_dim": dict(num_key_value_heads=2, head_dim=32),   # head_dim != hidden / heads
+}
+
+
+def write_tiny_llama(path, seed: int = 0, dtype=torch.float32, max_shard_size=None, **overrides) -> Path:
+    """Save a random transformers LlamaForCausalLM (TINY config + overrides) with safetensors to `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides})).to(dtype)
+    with torch.no_grad():  # HF initialises norms to 1; random ones catch a norm applied in the wrong place
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    path = Path(path)
+    kwargs = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    return path
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    """A function (variant name or overrides) -> directory of a tiny random HF Llama checkpoint."""
+    def make(variant: str = "mha", **overrides):
+        return write_tiny_llama(tmp_path / variant, **{**VARIANTS[variant], **overrides})
+    return make
+
+
+def train_tiny_sentencepiece(path, vocab_size: int = 200) -> Path:
+    """Train a small BPE sentencepiece model (Llama-like settings) on a few sentences; returns the .model path."""
+    import sentencepiece as spm
+
+    path = Path(path)
+    text = path.with_suffix(".txt")
+    sentences = ["The quick brown fox jumps over the lazy dog.", "QLoRA fine-tunes a 4-bit model with LoRA.",
+                 "Tiny tokenizers are trained in tests.", "Numbers: 1234567890.", "Hello world, hello tests!"]
+    text.write_text("\n".join(sentences * 20))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(path.with_suffix("")), vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0,
+                                   pad_id=-1, character_coverage=1.0, minloglevel=2)
+    return path.with_suffix(".model")
