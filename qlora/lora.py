@@ -288,7 +288,12 @@ def save_merged(model: nn.Module, config_dict: dict, out_dir, max_shard_size="5G
     state = merged_state_dict(model, dtype)
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)             # the loader ties it to embed_tokens again
-    state = {k: v.contiguous() for k, v in state.items()}
+    # safetensors refuses tensors that share memory (a tied head whose config does not say so).
+    seen = set()
+    for key, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        state[key] = tensor.clone() if ptr in seen else tensor.contiguous()
+        seen.add(ptr)
 
     shards, size = [{}], 0                            # greedy, in state_dict order, like transformers
     for key, tensor in state.items():
@@ -368,11 +373,15 @@ def read_adapter_config(adapter_dir) -> dict:
     config = json.loads(path.read_text())
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}, only 'LORA' adapters load here")
-    unsupported = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
-                   "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
-    for key, plain in unsupported.items():
-        if config.get(key) not in (plain, None, {}, []):
+    # PEFT options that change which weights exist or how they combine; plain LoRA leaves them unset.
+    for key in ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "layers_to_transform",
+                "rank_pattern", "alpha_pattern", "exclude_modules", "target_parameters", "trainable_token_indices"):
+        if config.get(key) not in (None, False, {}, []):
             raise ValueError(f"{path}: {key}={config[key]!r} is not supported here (plain LoRA only)")
+    targets = config.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        raise ValueError(f"{path}: target_modules is a regular expression ({targets!r}), which is not "
+                         "supported here: list the module names instead")
     if config.get("bias", "none") != "none":
         raise ValueError(f"{path}: bias={config['bias']!r} is not supported here; only bias 'none'")
     return config

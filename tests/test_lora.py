@@ -28,7 +28,7 @@ def tiny_config(layers=2, hidden=32) -> LlamaConfig:
                        tie_word_embeddings=False)
 
 
-def tiny_llama(seed=0, **kw) -> LlamaForCausalLM:
+def hf_llama(seed=0, **kw) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_config(**kw)).eval()
 
@@ -138,7 +138,6 @@ def test_4bit_base_matches_peft_on_bitsandbytes_dequantized_weight():
     # The 4-bit base holds no trainable tensor and gets no gradient.
     assert [n for n, p in ours.named_parameters() if p.requires_grad] == ["lora_a", "lora_b"]
     assert all(p.grad is None for p in ours.base.parameters())
-    assert all(not b.is_floating_point() or not b.requires_grad for b in ours.base.buffers())
 
 
 def test_bf16_compute_with_fp32_adapter_matches_float64():
@@ -166,6 +165,12 @@ def test_bf16_adapter_storage():
 
 # ----------------------------------------------------------------------------- merge
 
+def original_linear(weight, bias):
+    linear = nn.Linear(weight.shape[1], weight.shape[0])
+    linear.weight.data, linear.bias.data = weight.clone(), bias.detach().clone()
+    return linear
+
+
 def test_merge_unmerge_matches_peft_and_restores_base():
     torch.manual_seed(0)
     base = nn.Linear(24, 40)
@@ -190,12 +195,6 @@ def test_merge_unmerge_matches_peft_and_restores_base():
     torch.testing.assert_close(ours(x), before, rtol=1e-5, atol=1e-5)
 
 
-def original_linear(weight, bias):
-    linear = nn.Linear(weight.shape[1], weight.shape[0])
-    linear.weight.data, linear.bias.data = weight.clone(), bias.detach().clone()
-    return linear
-
-
 def test_merge_into_4bit_base_is_refused():
     layer = LoRALinear(Linear4bit.from_linear(nn.Linear(64, 16)), r=2, alpha=2)
     with pytest.raises(ValueError, match="merged_state_dict"):
@@ -206,9 +205,9 @@ def test_merge_into_4bit_base_is_refused():
 
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
 def test_apply_lora_summary_and_frozen_params_match_peft(targets, capsys):
-    ours = apply_lora(tiny_llama(), targets, r=4, alpha=8)
+    ours = apply_lora(hf_llama(), targets, r=4, alpha=8)
     line = capsys.readouterr().out.strip()
-    ref = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
+    ref = get_peft_model(hf_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
     ref.print_trainable_parameters()
     assert line == capsys.readouterr().out.strip() == trainable_summary(ours)
     ours_trainable = {n.replace(".lora_a", ".lora_A.default.weight").replace(".lora_b", ".lora_B.default.weight")
@@ -220,8 +219,8 @@ def test_apply_lora_summary_and_frozen_params_match_peft(targets, capsys):
 
 
 def test_4bit_weights_count_as_out_times_in_and_get_no_grad():
-    dense = apply_lora(tiny_llama(), "all-linear", r=4, alpha=8, verbose=False)
-    quant = apply_lora(quantize_linears(tiny_llama()), "all-linear", r=4, alpha=8, verbose=False)
+    dense = apply_lora(hf_llama(), "all-linear", r=4, alpha=8, verbose=False)
+    quant = apply_lora(quantize_linears(hf_llama()), "all-linear", r=4, alpha=8, verbose=False)
     assert count_parameters(quant) == count_parameters(dense)
     randomize_lora_b(quant)
     quant(tokens()).logits.square().mean().backward()
@@ -234,7 +233,7 @@ def test_4bit_weights_count_as_out_times_in_and_get_no_grad():
 # ----------------------------------------------------------------------------- adapter files
 
 def test_our_adapter_loads_in_peft_with_same_logits(tmp_path):
-    ours = apply_lora(tiny_llama(), ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], r=4, alpha=16,
+    ours = apply_lora(hf_llama(), ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], r=4, alpha=16,
                       dropout=0.1, use_rslora=True, verbose=False)
     randomize_lora_b(ours)
     ours.eval()
@@ -242,21 +241,21 @@ def test_our_adapter_loads_in_peft_with_same_logits(tmp_path):
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
     assert config["base_model_name_or_path"] == "tiny-llama" and config["use_rslora"] is True
-    ref = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
+    ref = PeftModel.from_pretrained(hf_llama(), tmp_path / "adapter").eval()
     ids = tokens()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(ours(ids).logits, tiny_llama()(ids).logits, atol=1e-3)  # B is non-zero
+        assert not torch.allclose(ours(ids).logits, hf_llama()(ids).logits, atol=1e-3)  # B is non-zero
 
 
 @pytest.mark.parametrize("targets,use_rslora", [(["q_proj", "v_proj", "up_proj"], False), ("all-linear", True)])
 def test_peft_adapter_loads_in_ours_with_same_logits(tmp_path, targets, use_rslora):
     torch.manual_seed(5)
-    ref = get_peft_model(tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=targets,
+    ref = get_peft_model(hf_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=targets,
                                                   use_rslora=use_rslora, task_type="CAUSAL_LM"))
     randomize_peft_b(ref)
     ref.save_pretrained(tmp_path / "peft")
-    ours = load_adapter(tiny_llama(), tmp_path / "peft")
+    ours = load_adapter(hf_llama(), tmp_path / "peft")
     ids = tokens(1)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, ref.eval()(ids).logits, rtol=1e-5, atol=1e-5)
@@ -264,10 +263,10 @@ def test_peft_adapter_loads_in_ours_with_same_logits(tmp_path, targets, use_rslo
 
 
 def test_adapter_round_trip_on_4bit_base(tmp_path):
-    ours = apply_lora(quantize_linears(tiny_llama()), "all-linear", r=4, alpha=8, verbose=False)
+    ours = apply_lora(quantize_linears(hf_llama()), "all-linear", r=4, alpha=8, verbose=False)
     randomize_lora_b(ours)
     save_adapter(ours, tmp_path / "a")
-    again = load_adapter(quantize_linears(tiny_llama()), tmp_path / "a")
+    again = load_adapter(quantize_linears(hf_llama()), tmp_path / "a")
     for (n1, p1), (n2, p2) in zip(ours.named_parameters(), again.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2)
     ids = tokens()
@@ -278,7 +277,7 @@ def test_adapter_round_trip_on_4bit_base(tmp_path):
 # ----------------------------------------------------------------------------- merged export
 
 def test_merged_export_loads_in_transformers_with_same_logits(tmp_path):
-    ours = apply_lora(quantize_linears(tiny_llama()), ["q_proj", "v_proj", "gate_proj", "down_proj"],
+    ours = apply_lora(quantize_linears(hf_llama()), ["q_proj", "v_proj", "gate_proj", "down_proj"],
                       r=4, alpha=8, verbose=False)
     randomize_lora_b(ours)
     out = save_merged(ours, tiny_config().to_dict(), tmp_path / "merged", dtype=torch.float32)
@@ -289,7 +288,7 @@ def test_merged_export_loads_in_transformers_with_same_logits(tmp_path):
         torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
     # The merged weight is dequant(W) + s B A with W from bitsandbytes' own NF4 round trip.
     bnb_f = pytest.importorskip("bitsandbytes.functional")
-    dense = tiny_llama().model.layers[0].self_attn.q_proj.weight.data
+    dense = hf_llama().model.layers[0].self_attn.q_proj.weight.data
     packed, state = bnb_f.quantize_4bit(dense, blocksize=64, quant_type="nf4", compress_statistics=True)
     q = ours.model.layers[0].self_attn.q_proj
     expected = bnb_f.dequantize_4bit(packed, state).double() + 2.0 * q.lora_b.double() @ q.lora_a.double()
@@ -297,7 +296,7 @@ def test_merged_export_loads_in_transformers_with_same_logits(tmp_path):
 
 
 def test_merged_export_sharded_bf16(tmp_path):
-    ours = apply_lora(tiny_llama(), "all-linear", r=4, alpha=8, verbose=False)
+    ours = apply_lora(hf_llama(), "all-linear", r=4, alpha=8, verbose=False)
     randomize_lora_b(ours)
     fp32 = merged_state_dict(ours, torch.float32)
     out = save_merged(ours, tiny_config().to_dict(), tmp_path / "m", max_shard_size="10KB")
@@ -312,9 +311,9 @@ def test_merged_export_sharded_bf16(tmp_path):
 
 
 def test_merged_nn_linear_layers_equal_peft_merge_and_unload():
-    ours = apply_lora(tiny_llama(), ["q_proj", "o_proj"], r=4, alpha=8, verbose=False)
+    ours = apply_lora(hf_llama(), ["q_proj", "o_proj"], r=4, alpha=8, verbose=False)
     randomize_lora_b(ours)
-    ref = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
+    ref = get_peft_model(hf_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
     sd = lora_mod.adapter_state_dict(ours)
     peft.set_peft_model_state_dict(ref, sd)
     expected = ref.merge_and_unload().state_dict()
@@ -331,21 +330,21 @@ def test_bad_rank_is_refused(r):
     with pytest.raises(ValueError, match="positive integer"):
         LoRALinear(nn.Linear(4, 4), r=r, alpha=1)
     with pytest.raises(ValueError, match="positive integer"):
-        apply_lora(tiny_llama(), ["q_proj"], r=r, alpha=1)
+        apply_lora(hf_llama(), ["q_proj"], r=r, alpha=1)
 
 
 def test_unknown_target_lists_valid_names():
     with pytest.raises(ValueError, match=r"unknown LoRA target\(s\) \['qkv_proj'\].*'q_proj'.*all-linear"):
-        apply_lora(tiny_llama(), ["q_proj", "qkv_proj"], r=4, alpha=8)
-    model = apply_lora(tiny_llama(), ["q_proj"], r=4, alpha=8, verbose=False)
+        apply_lora(hf_llama(), ["q_proj", "qkv_proj"], r=4, alpha=8)
+    model = apply_lora(hf_llama(), ["q_proj"], r=4, alpha=8, verbose=False)
     with pytest.raises(ValueError, match="has a LoRA adapter already"):
         apply_lora(model, ["q_proj"], r=4, alpha=8)
 
 
 def test_adapter_for_other_shapes_is_refused_and_model_untouched(tmp_path):
-    save_adapter(apply_lora(tiny_llama(hidden=48), ["q_proj"], r=4, alpha=8, verbose=False), tmp_path / "a",
+    save_adapter(apply_lora(hf_llama(hidden=48), ["q_proj"], r=4, alpha=8, verbose=False), tmp_path / "a",
                  base_model_name_or_path="bigger-llama")
-    model = tiny_llama()
+    model = hf_llama()
     with pytest.raises(ValueError, match=r"bigger-llama.*lora_A of model.layers.0.self_attn.q_proj has shape "
                                          r"\[4, 48\], the model needs \[4, 32\]"):
         load_adapter(model, tmp_path / "a")
@@ -353,31 +352,34 @@ def test_adapter_for_other_shapes_is_refused_and_model_untouched(tmp_path):
 
 
 def test_adapter_for_other_layer_count_is_refused(tmp_path):
-    save_adapter(apply_lora(tiny_llama(layers=3), ["v_proj"], r=4, alpha=8, verbose=False), tmp_path / "a")
+    save_adapter(apply_lora(hf_llama(layers=3), ["v_proj"], r=4, alpha=8, verbose=False), tmp_path / "a")
     with pytest.raises(ValueError, match="the adapter has 3 layers, the model 2"):
-        load_adapter(tiny_llama(layers=2), tmp_path / "a")
+        load_adapter(hf_llama(layers=2), tmp_path / "a")
     # PEFT writes full module paths when it targets fewer than 20 modules ("all-linear" on a small
     # model, or paths given by hand); a path the model lacks is named in the error.
     paths = ["model.layers.0.self_attn.q_proj", "model.layers.2.self_attn.q_proj"]
-    ref = get_peft_model(tiny_llama(layers=3), LoraConfig(r=2, target_modules=paths, task_type="CAUSAL_LM"))
+    ref = get_peft_model(hf_llama(layers=3), LoraConfig(r=2, target_modules=paths, task_type="CAUSAL_LM"))
     ref.save_pretrained(tmp_path / "p")
     with pytest.raises(ValueError, match="model.layers.2.*matches no module"):
-        load_adapter(tiny_llama(layers=2), tmp_path / "p")
+        load_adapter(hf_llama(layers=2), tmp_path / "p")
 
 
 def test_adapter_dir_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json not found"):
-        load_adapter(tiny_llama(), tmp_path / "missing")
+        load_adapter(hf_llama(), tmp_path / "missing")
     (tmp_path / "ia3").mkdir()
     (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(ValueError, match="only 'LORA'"):
-        load_adapter(tiny_llama(), tmp_path / "ia3")
+        load_adapter(hf_llama(), tmp_path / "ia3")
     with pytest.raises(ValueError, match="no LoRA layers"):
-        save_adapter(tiny_llama(), tmp_path / "x")
+        save_adapter(hf_llama(), tmp_path / "x")
+    get_peft_model(hf_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)).save_pretrained(tmp_path / "d")
+    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+        load_adapter(hf_llama(), tmp_path / "d")
 
 
 def test_saves_are_atomic_and_do_not_clobber(tmp_path, monkeypatch):
-    model = apply_lora(tiny_llama(), ["q_proj"], r=2, alpha=2, verbose=False)
+    model = apply_lora(hf_llama(), ["q_proj"], r=2, alpha=2, verbose=False)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="not empty"):
@@ -395,3 +397,61 @@ def test_saves_are_atomic_and_do_not_clobber(tmp_path, monkeypatch):
     save_adapter(model, tmp_path / "busy", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["adapter_config.json",
                                                                      "adapter_model.safetensors"]
+
+
+# ----------------------------------------------------------------------------- our Llama (llama/)
+
+def quantized_like_bitsandbytes(hf: LlamaForCausalLM) -> LlamaForCausalLM:
+    """The HF model with every block projection replaced by bitsandbytes' NF4 round trip of it."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    with torch.no_grad():
+        for name, m in hf.named_modules():
+            if name.split(".")[-1] in ALL:
+                packed, state = bnb_f.quantize_4bit(m.weight.data, blocksize=64, quant_type="nf4",
+                                                    compress_statistics=True)
+                m.weight.copy_(bnb_f.dequantize_4bit(packed, state))
+    return hf
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_llama_adapter_round_trips_with_peft(tiny_llama, tmp_path, load_in_4bit):
+    from llama.load import load_llama
+    ckpt = tiny_llama("gqa")
+    reference_base = lambda: quantized_like_bitsandbytes(LlamaForCausalLM.from_pretrained(ckpt)) if load_in_4bit \
+        else LlamaForCausalLM.from_pretrained(ckpt)
+    ids = tokens(3, (2, 9))
+
+    # ours -> PEFT
+    ours = apply_lora(load_llama(ckpt, dtype=torch.float32, load_in_4bit=load_in_4bit), "all-linear",
+                      r=4, alpha=8, verbose=False)
+    randomize_lora_b(ours)
+    save_adapter(ours, tmp_path / "ours", base_model_name_or_path=str(ckpt))
+    ref = PeftModel.from_pretrained(reference_base(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits, rtol=1e-4, atol=1e-4)
+
+    # PEFT -> ours
+    ref = get_peft_model(reference_base(), LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "down_proj"],
+                                                     use_rslora=True, task_type="CAUSAL_LM"))
+    randomize_peft_b(ref, seed=7)
+    ref.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(load_llama(ckpt, dtype=torch.float32, load_in_4bit=load_in_4bit), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_llama_4bit_merged_export_loads_in_transformers_and_load_llama(tiny_llama, tmp_path):
+    from llama.load import load_llama
+    ckpt = tiny_llama("tied")
+    ours = apply_lora(load_llama(ckpt, dtype=torch.float32, load_in_4bit=True), "all-linear", r=4, alpha=8,
+                      verbose=False)
+    randomize_lora_b(ours)
+    config = json.loads((ckpt / "config.json").read_text())
+    out = save_merged(ours, config, tmp_path / "merged", max_shard_size="40KB", dtype=torch.float32)
+    assert (out / "model.safetensors.index.json").is_file()
+    ids = tokens(4, (2, 9))
+    with torch.no_grad():
+        expected = ours(ids)
+        torch.testing.assert_close(LlamaForCausalLM.from_pretrained(out).eval()(ids).logits, expected,
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(load_llama(out, dtype=torch.float32)(ids), expected, rtol=1e-4, atol=1e-4)
