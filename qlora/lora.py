@@ -47,7 +47,8 @@ class LoRALinear(nn.Module):
         self.base = base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        # rsLoRA (Kalajievic 2023) divides by sqrt(r) so that raising r does not shrink the update.
+        # rsLoRA (Kalajdzievski 2023, arXiv 2312.03732) divides by sqrt(r) so that raising r does
+        # not shrink the update.
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # A as PEFT (and Microsoft's loralib) initialise it: nn.Linear's default Kaiming-uniform;
