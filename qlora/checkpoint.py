@@ -49,7 +49,8 @@ def save_checkpoint(output_dir: str | Path, step: int, model, write_adapter, tra
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write_adapter(tmp)
-    state = dict(trainer_state, step=step, trainable=trainable_state_dict(model), rng=rng_state())
+    # trainer_state may carry its own "rng" (the state at the start of an interrupted step)
+    state = {"rng": rng_state(), **trainer_state, "step": step, "trainable": trainable_state_dict(model)}
     torch.save(state, tmp / STATE_FILE)
     if final.exists():                       # re-saving the same step (e.g. Ctrl-C right after a save)
         shutil.rmtree(final)

@@ -1,0 +1,236 @@
+"""QLoRA fine-tuning of a Llama model, top to bottom: parse, load, loop, save.
+
+    python train.py                                     # demo: a small random Llama, built-in SQL data
+    python train.py --config configs/llama2-7b-sql.yml  # the real job (Llama-2-7B, know_sql)
+
+Any config key can be given on the command line too (`--learning_rate 1e-4`). The demo's model is
+randomly initialised: it shows that every piece runs and the loss falls, nothing more.
+"""
+
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from llama.load import checkpoint_dir, load_llama
+from llama.tokenizer import Tokenizer
+from qlora.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from qlora.config import TrainConfig, parse_args
+from qlora.data import Batches, batches_in_order, format_row, load_rows, pad_id_of, prepare_data
+from qlora.demo import random_llama, train_tokenizer
+from qlora.lora import apply_lora, save_adapter, trainable_summary
+from qlora.loss import causal_lm_loss
+from qlora.paged_adamw import PagedAdamW
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The compute dtype: bf16 on GPUs that have it, fp16 if asked, fp32 on the CPU (faster there)."""
+    if device.type != "cuda":
+        return torch.float32
+    if cfg.fp16 or (cfg.bf16 == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    if cfg.bf16 is True and not torch.cuda.is_bf16_supported():
+        raise ValueError("bf16: true but this GPU has no bf16: set fp16: true")
+    return torch.bfloat16 if cfg.bf16 in (True, "auto") else torch.float32
+
+
+def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up to the peak learning rate, then cosine decay to 0 (or constant)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.lr_scheduler == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def memory_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg, device)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    print(f"device {device}, compute dtype {dtype}, output {out}")
+
+    # ---- tokenizer and data
+    demo = cfg.base_model.endswith(".json")
+    if cfg.tokenizer:
+        tokenizer_path = Path(cfg.tokenizer)
+    elif demo:  # the demo model has no tokenizer: train one on the dataset (once, kept in output_dir)
+        tokenizer_path = out / "tokenizer.model"
+        if not tokenizer_path.is_file():
+            texts = []
+            for spec in cfg.datasets:
+                texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in load_rows(spec["path"])]
+            vocab = json.loads(Path(cfg.base_model).read_text())["vocab_size"]
+            train_tokenizer(texts, vocab, tokenizer_path)
+    else:
+        tokenizer_path = checkpoint_dir(cfg.base_model) / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(f"tokenizer {tokenizer_path} not found: pass --tokenizer PATH/tokenizer.model")
+    tokenizer = Tokenizer(tokenizer_path)
+    data = prepare_data(cfg.datasets, tokenizer, cfg.sequence_len, cfg.val_set_size, cfg.seed,
+                        cfg.train_on_inputs, cfg.sample_packing)
+    print(data.summary())
+    pad_id, pad_to = pad_id_of(tokenizer), (cfg.sequence_len if cfg.pad_to_sequence_len else None)
+    batches = Batches(data.train, cfg.micro_batch_size, cfg.seed, pad_id, pad_to)
+
+    # ---- model: frozen (4-bit) base + LoRA adapters
+    t0 = time.time()
+    if demo:
+        model = random_llama(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed)
+    else:
+        model = load_llama(cfg.base_model, device, dtype, cfg.load_in_4bit)
+    print(f"base model loaded in {time.time() - t0:.1f}s ({'NF4' if cfg.load_in_4bit else dtype} weights)")
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
+    print(trainable_summary(model))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = PagedAdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                           paged=cfg.optimizer == "paged_adamw_32bit")
+    steps_per_epoch = math.ceil(len(batches) / cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    # ---- resume
+    step = 0
+    resume = find_checkpoint(out, cfg.resume_from_checkpoint)
+    if resume is not None:
+        state = load_checkpoint(resume, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        batches.load_state_dict(state["data"])
+        step = state["step"]
+        print(f"resumed from {resume} at step {step}")
+
+    def loss_of(batch):
+        input_ids = batch["input_ids"].to(device)
+        with autocast:
+            hidden = model(input_ids, return_hidden=True)                      # (B, T, C)
+            return causal_lm_loss(hidden, model.lm_head.weight, batch["labels"].to(device))
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        model.eval()
+        losses = [loss_of(b).item() for b in batches_in_order(data.val, cfg.micro_batch_size, pad_id, pad_to)]
+        model.train()
+        return sum(losses) / max(1, len(losses))
+
+    def save(at_step: int, data_state: dict, rng: dict) -> Path:
+        trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict(), "data": data_state, "rng": rng,
+                         "config": vars(cfg)}
+        path = save_checkpoint(out, at_step, model, lambda d: save_adapter(model, d, cfg.base_model, overwrite=True),
+                               trainer_state)
+        print(f"saved {path}")
+        return path
+
+    # ---- the loop
+    # metrics.jsonl: one line per step; on resume, drop the lines of steps that will run again
+    metrics_path = out / "metrics.jsonl"
+    kept = [line for line in (metrics_path.read_text().splitlines() if resume and metrics_path.exists() else [])
+            if json.loads(line)["step"] <= step]
+    metrics_path.write_text("".join(line + "\n" for line in kept))
+    metrics = open(metrics_path, "a")
+    model.train()
+    last_saved = resume
+    tokens_seen, t_log = 0, time.time()
+    step_data, step_rng = batches.state_dict(), rng_state()
+    try:
+        while step < total_steps:
+            step_data, step_rng = batches.state_dict(), rng_state()   # what a Ctrl-C save restores
+            loss_sum = 0.0
+            for _ in range(cfg.gradient_accumulation_steps):
+                batch = next(batches)
+                loss = loss_of(batch)
+                scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+                loss_sum += loss.item()
+                tokens_seen += int((batch["attention_mask"]).sum())
+            loss_avg = loss_sum / cfg.gradient_accumulation_steps
+            if not math.isfinite(loss_avg):
+                where = f"; the last good checkpoint is {last_saved}" if last_saved else ""
+                print(f"error: loss is {loss_avg} at step {step + 1}: stopping without saving{where}. "
+                      "Lower learning_rate or check the data.", file=sys.stderr)
+                return 1
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+
+            record = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm,
+                      "epoch": round(batches.epochs_done, 4)}
+            if step % cfg.eval_steps == 0 or step == total_steps:
+                record["eval_loss"] = evaluate()
+            if step % cfg.logging_steps == 0 or "eval_loss" in record or step == total_steps:
+                elapsed = time.time() - t_log
+                record.update(tokens_per_s=round(tokens_seen / elapsed, 1), mem_gib=round(memory_gib(device), 2))
+                tokens_seen, t_log = 0, time.time()
+                evals = f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+                print(f"step {step:5d}/{total_steps} loss {loss_avg:.4f}{evals} lr {lr:.2e} "
+                      f"{record['tokens_per_s']:.0f} tok/s mem {record['mem_gib']:.2f} GiB", flush=True)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if step % cfg.save_steps == 0 or step == total_steps:
+                last_saved = save(step, batches.state_dict(), rng_state())
+    except KeyboardInterrupt:
+        # Save the state at the start of the interrupted step: its gradients were never applied.
+        print("\ninterrupted: saving a checkpoint", file=sys.stderr)
+        optimizer.zero_grad(set_to_none=True)
+        save(step, step_data, step_rng)
+        return 130
+    finally:
+        metrics.close()
+    save_adapter(model, out / "adapter", cfg.base_model, overwrite=True)
+    print(f"done: adapter in {out / 'adapter'}")
+    plot_loss(out)
+    return 0
+
+
+def plot_loss(out: Path) -> None:
+    """loss.png from metrics.jsonl, if matplotlib is installed (pip install -e '.[plot]')."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, no loss.png (pip install matplotlib)")
+        return
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    evals = [r for r in rows if "eval_loss" in r]
+    ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend()
+    tmp = out / "loss.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(out / "loss.png")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
