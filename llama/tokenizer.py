@@ -34,7 +34,8 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         """Token ids -> text. BOS, EOS and other control ids decode to nothing."""
+        ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        return self.sp.decode(list(ids))
+        return self.sp.decode(ids)

@@ -49,7 +49,7 @@ def tiny_llama(tmp_path):
     return make
 
 
-def train_tiny_sentencepiece(path, vocab_size: int = 200) -> Path:
+def train_tiny_sentencepiece(path, vocab_size: int = 320) -> Path:
     """Train a small BPE sentencepiece model (Llama-like settings) on a few sentences; returns the .model path."""
     import sentencepiece as spm
 
@@ -60,5 +60,6 @@ def train_tiny_sentencepiece(path, vocab_size: int = 200) -> Path:
     text.write_text("\n".join(sentences * 20))
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(path.with_suffix("")), vocab_size=vocab_size,
                                    model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0,
-                                   pad_id=-1, character_coverage=1.0, minloglevel=2)
+                                   pad_id=-1, character_coverage=1.0, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_digits=True, minloglevel=2)
     return path.with_suffix(".model")
