@@ -52,16 +52,19 @@ COUNTRIES = ("France", "Nigeria", "Peru", "Japan", "Norway", "Egypt", "Chile", "
 
 TABLES = (
     Table("employee", "employee", "employees", (
-        Column("name", "VARCHAR", NAMES), Column("department", "VARCHAR", ("Sales", "Research", "Legal", "Support", "Finance")),
+        Column("name", "VARCHAR", NAMES),
+        Column("department", "VARCHAR", ("Sales", "Research", "Legal", "Support", "Finance")),
         Column("city", "VARCHAR", CITIES), Column("salary", "INTEGER", low=30000, high=150000),
         Column("age", "INTEGER", low=20, high=65), Column("hire_year", "INTEGER", low=1990, high=2024))),
     Table("student", "student", "students", (
-        Column("name", "VARCHAR", NAMES), Column("major", "VARCHAR", ("Biology", "History", "Physics", "Economics", "Art")),
+        Column("name", "VARCHAR", NAMES),
+        Column("major", "VARCHAR", ("Biology", "History", "Physics", "Economics", "Art")),
         Column("hometown", "VARCHAR", CITIES), Column("gpa", "REAL", low=1, high=4),
         Column("age", "INTEGER", low=17, high=30), Column("credits", "INTEGER", low=0, high=200))),
     Table("film", "film", "films", (
         Column("title", "VARCHAR", ("Red Harbor", "Night Train", "Blue Orchard", "Iron Valley", "Glass River")),
-        Column("director", "VARCHAR", NAMES), Column("genre", "VARCHAR", ("Drama", "Comedy", "Horror", "Western", "Documentary")),
+        Column("director", "VARCHAR", NAMES),
+        Column("genre", "VARCHAR", ("Drama", "Comedy", "Horror", "Western", "Documentary")),
         Column("release_year", "INTEGER", low=1950, high=2024), Column("runtime", "INTEGER", low=70, high=200),
         Column("box_office", "REAL", low=1, high=900))),
     Table("player", "player", "players", (
@@ -71,7 +74,8 @@ TABLES = (
         Column("age", "INTEGER", low=17, high=40))),
     Table("book", "book", "books", (
         Column("title", "VARCHAR", ("Salt Roads", "The Long Field", "Paper Moons", "Quiet Engines", "Winter Maps")),
-        Column("author", "VARCHAR", NAMES), Column("publisher", "VARCHAR", ("Penguin", "Orbit", "Vintage", "Tor", "Faber")),
+        Column("author", "VARCHAR", NAMES),
+        Column("publisher", "VARCHAR", ("Penguin", "Orbit", "Vintage", "Tor", "Faber")),
         Column("pages", "INTEGER", low=80, high=1200), Column("year", "INTEGER", low=1900, high=2024),
         Column("price", "REAL", low=5, high=80))),
     Table("airport", "airport", "airports", (
@@ -98,7 +102,8 @@ DEPARTMENT = Table("department", "department", "departments", (
     Column("budget", "INTEGER", low=10000, high=5000000), Column("floor", "INTEGER", low=1, high=40)))
 SCHOOL = Table("school", "school", "schools", (
     Column("school_name", "VARCHAR", ("Elm High", "Westbrook", "Central Academy", "Oak Ridge", "Lakeview")),
-    Column("district", "VARCHAR", ("North", "South", "East", "West")), Column("enrollment", "INTEGER", low=100, high=5000)))
+    Column("district", "VARCHAR", ("North", "South", "East", "West")),
+    Column("enrollment", "INTEGER", low=100, high=5000)))
 STUDIO = Table("studio", "studio", "studios", (
     Column("studio_name", "VARCHAR", ("Bright Lion", "Silver Gate", "Paper Crane", "Lighthouse", "Redwood")),
     Column("country", "VARCHAR", COUNTRIES), Column("founded", "INTEGER", low=1910, high=2020)))
@@ -129,7 +134,8 @@ def _create_table(table: Table, used: list[Column], rng: random.Random, extra: t
 def _count_where(t: Table, rng: random.Random):
     c = rng.choice(t.columns)
     sql, said = _literal(c, rng)
-    return f"How many {t.plural} have {c.text} equal to {said}?", f"SELECT COUNT(*) FROM {t.name} WHERE {c.name} = {sql}", [c]
+    return (f"How many {t.plural} have {c.text} equal to {said}?",
+            f"SELECT COUNT(*) FROM {t.name} WHERE {c.name} = {sql}", [c])
 
 
 def _lookup(t: Table, rng: random.Random):

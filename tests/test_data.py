@@ -6,7 +6,6 @@ sqlite3 for the generated SQL.
 """
 
 import json
-import math
 import re
 import sqlite3
 from pathlib import Path

@@ -34,17 +34,16 @@ def _train(model, optimizer, steps: int, seed: int) -> None:
 
 
 def test_updates_equal_torch_adamw_over_20_steps():
-    ours_model, ref_model, foreach_model = _tiny_model(), _tiny_model(), _tiny_model()
+    # (torch's foreach=True variant is compared on the GPU by bench/paged_adamw_gpu.py; on the CPU its
+    # first step spends seconds importing torch._dynamo.)
+    ours_model, ref_model = _tiny_model(), _tiny_model()
     ours = PagedAdamW(_groups(ours_model), lr=1e-2, weight_decay=0.01)
     ref = torch.optim.AdamW(_groups(ref_model), lr=1e-2, weight_decay=0.01, foreach=False)
-    ref_foreach = torch.optim.AdamW(_groups(foreach_model), lr=1e-2, weight_decay=0.01, foreach=True)
     _train(ours_model, ours, 20, seed=1)
     _train(ref_model, ref, 20, seed=1)
-    _train(foreach_model, ref_foreach, 20, seed=1)
-    for p, p_ref, p_foreach in zip(ours_model.parameters(), ref_model.parameters(), foreach_model.parameters()):
+    for p, p_ref in zip(ours_model.parameters(), ref_model.parameters()):
         # same ops in the same order as torch's single-tensor AdamW: equal to the bit on the CPU
         assert torch.equal(p, p_ref)
-        torch.testing.assert_close(p, p_foreach, rtol=1e-6, atol=1e-7)
     for p, p_start in zip(ours_model.parameters(), _tiny_model().parameters()):
         assert torch.equal(p, p_start) != p.requires_grad  # trained ones moved, the frozen bias did not
     for p, p_ref in zip(ours_model.parameters(), ref_model.parameters()):
