@@ -4,7 +4,17 @@ Prompts of different lengths are right-padded, as in Meta's Llama reference code
 prefills the shortest prompt's length in one forward, then steps one position at a time for every
 row; a row still inside its own prompt takes its next prompt token instead of the model's choice.
 No attention mask or position shifts are needed, so each row computes exactly what it would alone.
+
+Speed. At batch 1 a decode step reads every weight once and does little else: on a GPU it is bound
+by memory bandwidth and, in eager PyTorch, by the CPU launching a few hundred small kernels. The
+4-bit projections run the fused GEMV (kernels/gemv.py) and the KV cache has fixed shapes
+(llama/model.py), so with cuda_graph=True the single-token step is captured once per call as a CUDA
+graph and replayed: one launch per step. The graph replays the very kernels the eager step runs, on
+the same buffers, so it computes the same numbers (gpt-fast does the same through torch.compile's
+"reduce-overhead" mode; a hand-made graph needs no compiler).
 """
+
+from typing import Callable
 
 import torch
 
@@ -25,13 +35,58 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, g
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)       # (B,)
 
 
+class DecodeStep:
+    """One token per row at position `pos`: (B, 1) ids -> logits (B, vocab), eager or as a CUDA graph.
+
+    Build it after model.setup_cache and before the prefill: capturing runs two warm-up steps that
+    write position 0 of the cache, which the prefill then overwrites.
+    """
+
+    def __init__(self, model: Llama, batch_size: int, cuda_graph: bool = False):
+        device = model.model.embed_tokens.weight.device
+        self.model = model
+        # The step's inputs live in fixed buffers: a graph reads them from the addresses it captured.
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)                # a 0-d tensor, not an int
+        self.graph = None
+        if cuda_graph:
+            if device.type != "cuda":
+                raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}: "
+                                 "drop cuda_graph (or --compile)")
+            # Warm up on a side stream (PyTorch's recipe): Triton compiles and autotunes and cuBLAS
+            # allocates its workspace now, as none of that may happen while a graph is captured.
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.forward()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.forward()                                       # (B, vocab), a fixed buffer
+
+    def forward(self) -> torch.Tensor:
+        return self.model(self.tokens, start_pos=self.pos)[:, -1]                  # (B, vocab)
+
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.pos.fill_(pos)
+        if self.graph is None:
+            return self.forward()
+        self.graph.replay()
+        return self.logits.clone()      # the next replay overwrites the graph's buffer
+
+
 @torch.no_grad()
 def generate(model: Llama, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id: int | list[int] | None = None, generator=None) -> list[list[int]]:
+             top_p: float = 1.0, eos_id: int | list[int] | None = None, generator=None,
+             on_token: Callable[[torch.Tensor], None] | None = None, cuda_graph: bool = False) -> list[list[int]]:
     """Continue each prompt by up to max_new_tokens tokens; returns the new tokens of each row.
 
     A row stops at its first EOS (any of eos_id), which is not included in the output. `generator`
-    (a torch.Generator on the model's device) makes sampling reproducible.
+    (a torch.Generator on the model's device) makes sampling reproducible. on_token(ids (B,)) is
+    called after every step with the ids just placed (for one prompt: each new token, EOS included),
+    to stream text. cuda_graph=True replays the decode step as a CUDA graph (see DecodeStep).
     """
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("prompt_ids must be a non-empty list of non-empty token lists (start each with BOS)")
@@ -59,17 +114,19 @@ def generate(model: Llama, prompt_ids: list[list[int]], max_new_tokens: int, tem
     start = int(lengths.min())
     model.setup_cache(B, total)
     try:
-        prev = 0
+        step = DecodeStep(model, B, cuda_graph)
+        logits = model(tokens[:, :start], start_pos=0)[:, -1]                       # prefill: (B, vocab)
         for cur in range(start, total):
-            logits = model(tokens[:, prev:cur], start_pos=prev)[:, -1]              # (B, vocab)
             next_token = sample(logits, temperature, top_p, generator)              # (B,)
             next_token = torch.where(in_prompt[:, cur], tokens[:, cur], next_token)
             tokens[:, cur] = next_token
+            if on_token is not None:
+                on_token(next_token)
             done |= ~in_prompt[:, cur] & torch.isin(next_token, eos)                 # reached EOS
             done |= cur + 1 >= lengths + max_new_tokens                              # reached its budget
-            prev = cur
-            if done.all():
+            if done.all():                # always true at cur = total - 1
                 break
+            logits = step(tokens[:, cur:cur + 1], cur)                               # (B, vocab)
     finally:
         model.clear_cache()
 
@@ -79,3 +136,28 @@ def generate(model: Llama, prompt_ids: list[list[int]], max_new_tokens: int, tem
         ends = [j for j, t in enumerate(row) if t in stop]
         out.append(row[:ends[0]] if ends else row)
     return out
+
+
+class TextStream:
+    """Token ids arriving one at a time -> the new text to print after each.
+
+    Decodes all ids so far and returns what was not shown yet: sentencepiece's spaces depend on the
+    neighbouring pieces, and a character split over byte tokens shows up once it is complete.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):      # maybe an incomplete UTF-8 character: wait for more bytes
+            return ""
+        new, self.shown = text[self.shown:], len(text)
+        return new
+
+    def flush(self) -> str:
+        """What push held back, at the end of the generation."""
+        text = self.tokenizer.decode(self.ids)
+        new, self.shown = text[self.shown:], len(text)
+        return new

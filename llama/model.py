@@ -8,6 +8,7 @@ every linear layer of the block (paper section 4, "QLoRA vs. standard finetuning
 
     model(input_ids)                    -> logits (B, T, vocab); training, no cache
     model.setup_cache(B, max_len)       then model(ids, start_pos=p) writes and reads the KV cache
+                                        (p an int, or a 0-d tensor for a CUDA-graphed decode step)
     model(ids, return_hidden=True)      -> final hidden states (B, T, C) before lm_head
 """
 
@@ -165,7 +166,11 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Static cache: keys and values of every position so far, [B, n_kv_heads, max_len, head_dim]."""
+    """Static cache: keys and values of every position, [B, n_kv_heads, max_len, head_dim].
+
+    Its shapes never change: every step writes into and attends over the same memory (positions not
+    written yet are masked), so a decode step is one fixed sequence of kernels a CUDA graph can replay.
+    """
 
     def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, device, dtype):
         super().__init__()
@@ -173,16 +178,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, n_kv, T, hd) at start_pos; return the cache up to start_pos + T."""
-        B, _, T, _ = k.shape
-        end = start_pos + T
-        if B > self.k.shape[0] or end > self.k.shape[2]:
-            raise ValueError(f"batch {B} x positions {start_pos}..{end - 1} do not fit the cache "
-                             f"{self.k.shape[0]} x {self.k.shape[2]}: call setup_cache with larger sizes")
-        self.k[:B, :, start_pos:end] = k
-        self.v[:B, :, start_pos:end] = v
-        return self.k[:B, :, :end], self.v[:B, :, :end]       # (B, n_kv, end, hd)
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, n_kv, T, hd) at positions (T,); return the whole cache (B, n_kv, max_len, hd)."""
+        B = k.shape[0]
+        # index_copy_ takes the positions as a tensor, so no host value enters the step.
+        self.k[:B].index_copy_(2, positions, k.to(self.k.dtype))
+        self.v[:B].index_copy_(2, positions, v.to(self.v.dtype))
+        return self.k[:B], self.v[:B]
 
 
 class Attention(nn.Module):
@@ -198,24 +200,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, start_pos: int | None = None):
+    def forward(self, x, cos, sin, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        """positions (T,) and mask (T, max_len): given when decoding with the KV cache."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        mask, is_causal = None, T > 1
-        if start_pos is not None:
-            if self.kv_cache is None:
-                raise ValueError("start_pos given but there is no KV cache: call model.setup_cache(...) first")
-            k, v = self.kv_cache.update(start_pos, k, v)                               # (B, nkv, L, hd)
-            L = k.shape[2]
-            # The queries sit at positions L-T .. L-1. SDPA's is_causal aligns its mask top-left,
-            # right only when L == T; one query sees every key; a chunk after a prefix needs a mask.
-            if T > 1 and L > T:
-                mask = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(diagonal=L - T)  # (T, L)
-                is_causal = False
+        if positions is not None:
+            k, v = self.kv_cache.update(positions, k, v)                               # (B, nkv, max_len, hd)
+        # Without a cache the T keys are the T queries: SDPA's causal mask. With one, the mask says
+        # which of the max_len cached positions each query sees.
+        is_causal = mask is None and T > 1
         # Grouped-query attention: each of the n_kv_heads serves n_heads / n_kv_heads query heads.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, T, hd)
@@ -244,8 +241,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, start_pos: int | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)
+    def forward(self, x, cos, sin, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -270,25 +267,38 @@ class Llama(nn.Module):
         # trains with gradient checkpointing; paper section 4 and appendix on memory footprint).
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int | None = None,
+    def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor | None = None,
                 return_hidden: bool = False) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or hidden states (B, T, C) if return_hidden.
 
-        start_pos=None: no cache, positions 0..T-1. An int: the tokens sit at start_pos..start_pos+T-1,
+        start_pos=None: no cache, positions 0..T-1. An int (or a 0-d int64 tensor on the model's
+        device, which a CUDA graph can update in place): the tokens sit at start_pos..start_pos+T-1,
         their keys/values go into the cache (see setup_cache) and they attend to every earlier position.
+        A tensor start_pos is not range-checked (that would read it back to the host).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device) + (0 if start_pos is None else start_pos)  # (T,)
+        mask = None
+        if start_pos is not None:
+            cache = self.model.layers[0].self_attn.kv_cache
+            if cache is None:
+                raise ValueError("start_pos given but there is no KV cache: call model.setup_cache(...) first")
+            batch, max_len = cache.k.shape[0], cache.k.shape[2]
+            if isinstance(start_pos, int) and (B > batch or start_pos + T > max_len):
+                raise ValueError(f"batch {B} x positions {start_pos}..{start_pos + T - 1} do not fit the cache "
+                                 f"{batch} x {max_len}: call setup_cache with larger sizes")
+            # Query at position p sees cached positions 0..p: causal over the whole static cache.
+            mask = positions[:, None] >= torch.arange(max_len, device=input_ids.device)[None, :]  # (T, max_len)
         x = self.model.embed_tokens(input_ids)                                         # (B, T, C)
-        positions = torch.arange(T, device=input_ids.device) + (start_pos or 0)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)                     # (T, hd) each
         use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled() and start_pos is None
         for layer in self.model.layers:
             if use_checkpoint:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, start_pos)
+                x = layer(x, cos, sin, positions if start_pos is not None else None, mask)
         x = self.model.norm(x)                                                          # (B, T, C)
         return x if return_hidden else self.lm_head(x)                                 # (B, T, vocab)
 

@@ -1,0 +1,163 @@
+"""Decode benchmark (issue #7): batch-1 greedy decoding of a Llama-2-7B-shaped NF4 model, ours beside
+transformers + bitsandbytes, in one run.
+
+    python -m bench.decode --json out/bench/decode.json          # GPU: 7B shapes, 128 new tokens
+    python -m bench.decode --tiny --json /tmp/decode.json        # the same code at test size, on the CPU
+
+Both sides load one random checkpoint (bench/checkpoint.py, written once and reused) in NF4 with
+double quantization and bf16 compute, and continue the same short prompt by exactly 128 tokens:
+ours with llama.generate.generate (no EOS stop), eager and, on a GPU, with the decode step replayed
+as a CUDA graph; the peer with generate(do_sample=False, max_new_tokens=128, min_new_tokens=128).
+Each side runs once untimed (Triton autotuning, cuBLAS set-up), then --repeats timed runs; the
+median counts. tokens/s = new tokens / wall time of the whole generate call (prefill included);
+"decode tokens/s" leaves out the prefill: tokens after the first / time from the first to the last.
+Random weights: speed does not depend on their values. Peer reference: 12.6 tokens/s on an H100.
+"""
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bench.checkpoint import LLAMA2_7B, TINY, write_random_checkpoint
+
+CHECKPOINT_7B = "/tmp/llama2-7b-random"      # the same files as bench/load.py and bench/train_step.py
+CHECKPOINT_TINY = "/tmp/llama-tiny-random"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_runs(run, device: torch.device, repeats: int) -> dict:
+    """run(on_token) -> new token ids; once untimed, then `repeats` times: tokens and median speeds."""
+    run(lambda _: None)                                              # warm-up
+    totals, decodes = [], []
+    for _ in range(repeats):
+        stamps = []
+        sync(device)
+        t0 = time.perf_counter()
+        tokens = run(lambda _: stamps.append(time.perf_counter()))
+        sync(device)
+        totals.append(len(tokens) / (time.perf_counter() - t0))
+        decodes.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))  # both sides sync every step
+    return {"tokens": tokens, "tokens_per_s": statistics.median(totals),
+            "decode_tokens_per_s": statistics.median(decodes), "runs_tokens_per_s": totals}
+
+
+def bench_ours(path, device, prompt: list[int], new_tokens: int, repeats: int, cuda_graph: bool) -> dict:
+    from llama.generate import generate
+    from llama.load import load_llama
+
+    model = load_llama(path, device, torch.bfloat16, load_in_4bit=True).eval()
+
+    def run(on_token):
+        return generate(model, [prompt], new_tokens, eos_id=None, on_token=on_token, cuda_graph=cuda_graph)[0]
+
+    result = timed_runs(run, device, repeats)
+    del model
+    return result
+
+
+def bench_peer(path, device, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                             attn_implementation="sdpa", device_map={"": str(device)}).eval()
+    ids = torch.tensor([prompt], device=device)
+
+    class Stamps:              # a transformers streamer: put() gets the prompt first, then each new token
+        def __init__(self, on_token):
+            self.on_token, self.seen_prompt = on_token, False
+
+        def put(self, value):
+            if self.seen_prompt:
+                self.on_token(value)
+            self.seen_prompt = True
+
+        def end(self):
+            pass
+
+    def run(on_token):
+        with torch.no_grad():
+            out = model.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 pad_token_id=0, streamer=Stamps(on_token))
+        return out[0, len(prompt):].tolist()
+
+    result = timed_runs(run, device, repeats)
+    del model
+    return result
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", help=f"checkpoint directory (default {CHECKPOINT_7B}, or {CHECKPOINT_TINY} "
+                                        "with --tiny); written first if absent")
+    p.add_argument("--tiny", action="store_true", help="test-size model (runs on the CPU)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--prompt_len", type=int, default=16, help="prompt tokens (BOS + random ids)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--agree", type=int, default=32, help="compare the first N greedy tokens of the sides")
+    p.add_argument("--sides", default="ours,ours_graph,peer", help="comma-separated: ours, ours_graph, peer")
+    p.add_argument("--json", help="write the details here")
+    args = p.parse_args(argv)
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    shape = TINY if args.tiny else LLAMA2_7B
+    path = write_random_checkpoint(args.checkpoint or (CHECKPOINT_TINY if args.tiny else CHECKPOINT_7B), shape)
+    gen = torch.Generator().manual_seed(0)
+    prompt = [1] + torch.randint(3, shape["vocab_size"], (args.prompt_len - 1,), generator=gen).tolist()
+    sides = args.sides.split(",")
+    if device.type != "cuda" and "ours_graph" in sides:
+        sides.remove("ours_graph")                                  # CUDA graphs need a GPU
+    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, checkpoint {path}, "
+          f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens, median of {args.repeats}")
+
+    results = {}
+    for side in sides:
+        if side == "peer":
+            results[side] = bench_peer(path, device, prompt, args.new_tokens, args.repeats)
+        else:
+            results[side] = bench_ours(path, device, prompt, args.new_tokens, args.repeats,
+                                       cuda_graph=side == "ours_graph")
+        if device.type == "cuda":
+            results[side]["peak_allocated_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        gc.collect()                                                # free this side before the next loads
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+
+    # ---- the table
+    peer = results.get("peer")
+    n = args.agree
+    print(f"\n| side | tokens/s | decode tokens/s | x peer | first {n} greedy tokens = peer's |")
+    print("| --- | --- | --- | --- | --- |")
+    for side, r in results.items():
+        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}" if peer else "-"
+        if peer and side != "peer":
+            agree = r["tokens"][:n] == peer["tokens"][:n]
+            first_diff = next((i for i, (a, b) in enumerate(zip(r["tokens"], peer["tokens"])) if a != b), None)
+            r.update(agrees_with_peer=agree, first_difference=first_diff)
+            agree = f"{agree} (first difference at {first_diff})" if first_diff is not None else str(agree)
+        else:
+            agree = "-"
+        print(f"| {side} | {r['tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | {ratio} | {agree} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        details = {"device": str(device), "checkpoint": str(path), "shape": shape, "prompt": prompt,
+                   "new_tokens": args.new_tokens, "repeats": args.repeats, "peer_reference_h100_tokens_per_s": 12.6,
+                   "results": results}
+        Path(args.json).write_text(json.dumps(details, indent=2) + "\n")
+        print(f"details in {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Generate with a (4-bit) Llama plus a LoRA adapter; merge and export; score generated SQL.
+
+    python infer.py --adapter out/demo/adapter --context "CREATE TABLE head (age INTEGER)" \\
+                    --question "How many heads are older than 56?"          # streamed answer
+    python infer.py --adapter out/demo/adapter --eval rows.jsonl            # exact match + runs on schema
+    python infer.py --adapter out/demo/adapter --export merged/             # merged bf16 HF checkpoint
+    python infer.py --base meta-llama/Llama-2-7b-hf --prompt "Hello" --compile   # no adapter, CUDA graph
+
+The base defaults to the adapter's base_model_name_or_path. train.py leaves training_config.json
+and tokenizer.model beside the adapter's PEFT files: the prompt format (context_qa or alpaca), the
+tokenizer and, for the demo, the seed of the random base come from there. A PEFT adapter without
+them works too; then pass --tokenizer if the base has no tokenizer.model.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llama.generate import TextStream, generate
+from llama.load import checkpoint_dir, load_llama
+from llama.model import Llama
+from llama.tokenizer import Tokenizer
+from qlora.config import TrainConfig
+from qlora.data import check_rows, format_row, load_rows
+from qlora.demo import random_llama
+from qlora.lora import load_adapter, merged_state_dict, read_adapter_config, save_merged
+from qlora.sql_eval import score
+
+TRAINING_CONFIG = "training_config.json"
+TOKENIZER = "tokenizer.model"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", help="base model: checkpoint dir, hub id or (demo) config.json; "
+                                  "default: the adapter's base_model_name_or_path")
+    p.add_argument("--adapter", help="adapter directory (ours or PEFT's: the same files)")
+    p.add_argument("--tokenizer", help="tokenizer.model; default: beside the adapter, else the base's")
+    p.add_argument("--bf16", action="store_true",
+                   help="load the base unquantized (bf16 on a GPU, fp32 on the CPU) instead of NF4")
+    p.add_argument("--merge", action="store_true",
+                   help="fold the adapter into dense weights before generating (W + s*BA, no LoRA step)")
+    p.add_argument("--export", help="write the merged model as a Hugging Face safetensors checkpoint here")
+    p.add_argument("--prompt", help="raw prompt text (no template); streamed")
+    p.add_argument("--prompts", help="a file of raw prompts, one per line, generated in batches")
+    p.add_argument("--context", default="", help="context_qa: the CREATE TABLE context")
+    p.add_argument("--question", help="context_qa: the question")
+    p.add_argument("--instruction", help="alpaca: the instruction")
+    p.add_argument("--input", default="", help="alpaca: the input")
+    p.add_argument("--interactive", action="store_true",
+                   help="read prompts from stdin (context_qa: CONTEXT ||| QUESTION; alpaca: the instruction)")
+    p.add_argument("--eval", help="JSON/JSONL rows {context, question, answer}, or builtin:sql: score generated SQL")
+    p.add_argument("--eval_limit", type=int, default=0, help="score only the first N rows (0: all)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--compile", action="store_true",
+                   help="replay the decode step as a CUDA graph (GPU only; same numbers as eager)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    args = p.parse_args(argv)
+
+    # Check what the user typed here, before minutes of loading.
+    for name in ("prompt", "question", "instruction"):
+        if getattr(args, name) is not None and not getattr(args, name).strip():
+            raise ValueError(f"empty prompt: --{name} is blank; give it some text")
+    if args.prompt is not None and (args.question is not None or args.instruction is not None):
+        raise ValueError("--prompt is raw text: leave out --question/--instruction (or drop --prompt)")
+    if args.question is not None and args.instruction is not None:
+        raise ValueError("--question (context_qa) and --instruction (alpaca) are two prompt formats: pick one")
+    if not any([args.prompt, args.prompts, args.question, args.instruction, args.interactive, args.eval,
+                args.export]):
+        raise ValueError("nothing to do: pass --prompt, --prompts FILE, --context/--question, --instruction, "
+                         "--interactive, --eval FILE or --export DIR")
+    export = Path(args.export) if args.export else None
+    if export and export.exists() and (not export.is_dir() or any(export.iterdir())):
+        raise ValueError(f"--export {export} exists and is not an empty directory: choose a new one or remove it")
+    if args.batch_size < 1 or args.max_new_tokens < 1 or args.eval_limit < 0:
+        raise ValueError(f"need --batch_size >= 1, --max_new_tokens >= 1, --eval_limit >= 0; got "
+                         f"{args.batch_size}, {args.max_new_tokens}, {args.eval_limit}")
+    return args
+
+
+def load_base(base: str, train_cfg: dict, device: torch.device, dtype: torch.dtype, load_in_4bit: bool) -> Llama:
+    if base.endswith(".json"):
+        # The demo's base: a random Llama, rebuilt from the config and the seed training used.
+        seed = train_cfg.get("seed", TrainConfig().seed)
+        return random_llama(base, device, dtype, load_in_4bit, seed)
+    return load_llama(base, device, dtype, load_in_4bit)
+
+
+def find_tokenizer(args, base: str) -> Tokenizer:
+    candidates = [Path(args.tokenizer)] if args.tokenizer else []
+    if not args.tokenizer and args.adapter:
+        candidates.append(Path(args.adapter) / TOKENIZER)
+    if not args.tokenizer and not base.endswith(".json"):
+        candidates.append(checkpoint_dir(base) / TOKENIZER)
+    for path in candidates:
+        if path.is_file():
+            return Tokenizer(path)
+    raise FileNotFoundError(f"no tokenizer.model at {[str(c) for c in candidates]}: pass --tokenizer PATH")
+
+
+def merged_model(model: Llama) -> Llama:
+    """A plain Llama whose linear weights are dequant(W) + s * B A (QLoRA eq. 5 folded in), dense."""
+    weight = model.model.embed_tokens.weight
+    with torch.device("meta"):
+        merged = Llama(model.config)
+    merged.load_state_dict(merged_state_dict(model, weight.dtype, weight.device), assign=True)
+    merged.inv_freq = model.inv_freq                       # not in the state dict
+    return merged.eval()
+
+
+def context_qa_prompt(context: str, question: str) -> str:
+    return format_row({"context": context, "question": question, "answer": ""}, "context_qa")[0]
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    return format_row({"instruction": instruction, "input": input, "output": ""}, "alpaca")[0]
+
+
+def interactive_prompt(line: str, kind: str | None) -> str:
+    """A line typed at --interactive in the adapter's format (raw text when it has none)."""
+    if kind == "alpaca":
+        return alpaca_prompt(line)
+    if kind == "context_qa" and "|||" in line:
+        context, question = line.split("|||", 1)
+        return context_qa_prompt(context.strip(), question.strip())
+    return line
+
+
+def main(argv=None) -> int:
+    try:
+        return run(argv)
+    except (ValueError, FileNotFoundError) as e:   # bad input: one line naming the problem and the fix
+        raise SystemExit(f"error: {e}") from None
+
+
+def run(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if args.compile and device.type != "cuda":
+        raise ValueError(f"--compile captures CUDA graphs and the device is {device}: drop --compile")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # fp32 is the fast CPU dtype
+
+    # ---- the adapter's files: PEFT's config, and what train.py keeps beside it
+    adapter_cfg, train_cfg = {}, {}
+    if args.adapter:
+        if not Path(args.adapter).is_dir():
+            raise FileNotFoundError(f"adapter directory {args.adapter} not found: pass the adapter/ folder "
+                                    "train.py wrote (or a PEFT save_pretrained folder)")
+        adapter_cfg = read_adapter_config(args.adapter)
+        if (Path(args.adapter) / TRAINING_CONFIG).is_file():
+            train_cfg = json.loads((Path(args.adapter) / TRAINING_CONFIG).read_text())
+    trained_on = adapter_cfg.get("base_model_name_or_path")
+    base = args.base or trained_on
+    if not base:
+        raise ValueError("no base model: pass --base (the adapter names none)")
+    if args.base and trained_on and Path(args.base) != Path(trained_on):
+        print(f"note: the adapter was trained on {trained_on}, loading it on {args.base}", file=sys.stderr)
+    kind = train_cfg.get("datasets", [{}])[0].get("type", "context_qa") if train_cfg else None
+    if kind == "alpaca" and (args.question is not None or args.eval):
+        raise ValueError("this adapter was trained on alpaca prompts: use --instruction/--input "
+                         "(--context/--question and --eval are for context_qa SQL adapters)")
+    if kind == "context_qa" and args.instruction is not None:
+        raise ValueError("this adapter was trained on context_qa prompts: use --context/--question")
+
+    # ---- the prompts: streamed one by one, or a file of them in batches (checked before loading)
+    streamed = [args.prompt] if args.prompt is not None else []
+    if args.question is not None:
+        streamed.append(context_qa_prompt(args.context, args.question))
+    if args.instruction is not None:
+        streamed.append(alpaca_prompt(args.instruction, args.input))
+    batched = []
+    if args.prompts:
+        if not Path(args.prompts).is_file():
+            raise FileNotFoundError(f"prompts file {args.prompts} not found: pass a text file, one prompt a line")
+        batched = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        if not batched:
+            raise ValueError(f"empty prompt: {args.prompts} holds no non-blank line")
+
+    # ---- load: base (NF4 unless --bf16 or trained on a 16-bit base), adapter, tokenizer
+    t0 = time.time()
+    load_in_4bit = not args.bf16 and train_cfg.get("load_in_4bit", True)
+    model = load_base(base, train_cfg, device, dtype, load_in_4bit)
+    if args.adapter:
+        try:
+            load_adapter(model, args.adapter)
+        except ValueError as e:
+            raise ValueError(f"{e}; pass the --base it was trained on") from None
+    model.eval()
+    tokenizer = find_tokenizer(args, base)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}: "
+                         "pass the --tokenizer the model was trained with")
+    print(f"loaded {base} ({'NF4' if load_in_4bit else dtype}) + {args.adapter or 'no adapter'} on {device} "
+          f"in {time.time() - t0:.1f}s", file=sys.stderr)
+
+    # ---- merge / export
+    if args.export:
+        if not args.adapter:
+            raise ValueError("--export writes base + adapter merged: pass --adapter too")
+        config = json.loads((Path(base) if base.endswith(".json") else checkpoint_dir(base) / "config.json").read_text())
+        out = save_merged(model, config, args.export)     # into a temp dir, then renamed: never half-written
+        tmp = out / (TOKENIZER + ".tmp")                   # the tokenizer too, so the dir is a whole checkpoint
+        tmp.write_bytes(tokenizer.sp.serialized_model_proto())
+        os.replace(tmp, out / TOKENIZER)
+        print(f"merged model written to {out}", file=sys.stderr)
+    if args.merge:
+        model = merged_model(model)
+
+    # ---- generate
+    generator = torch.Generator(device).manual_seed(args.seed)
+    new_tokens, seconds = 0, 0.0
+
+    def complete(prompts: list[str], stream: bool = False) -> list[str]:
+        """Generated texts, a batch at a time; one prompt alone is printed as it is generated."""
+        nonlocal new_tokens, seconds
+        texts = []
+        for start in range(0, len(prompts), args.batch_size):
+            ids = [tokenizer.encode(p, bos=True, eos=False) for p in prompts[start:start + args.batch_size]]
+            longest = max(len(i) for i in ids) + args.max_new_tokens
+            if longest > model.config.max_position_embeddings:
+                raise ValueError(f"a prompt of {longest - args.max_new_tokens} tokens + --max_new_tokens "
+                                 f"{args.max_new_tokens} exceeds the model's {model.config.max_position_embeddings} "
+                                 "positions: shorten the prompt or lower --max_new_tokens")
+            on_token = None
+            if stream and len(ids) == 1:
+                text_stream = TextStream(tokenizer)
+                on_token = lambda t: print(text_stream.push(int(t[0])), end="", flush=True)  # noqa: E731
+            t = time.time()
+            out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, tokenizer.eos_id,
+                           generator, on_token=on_token, cuda_graph=args.compile)
+            seconds += time.time() - t
+            new_tokens += sum(len(o) for o in out)
+            texts += [tokenizer.decode(o).strip() for o in out]
+            if on_token is not None:
+                print(text_stream.flush(), flush=True)
+        return texts
+
+    if args.eval:
+        rows = load_rows(args.eval)
+        check_rows(rows, "context_qa", args.eval)
+        rows = rows[:args.eval_limit or None]
+        predictions = complete([format_row(r, "context_qa")[0] for r in rows])
+        print(score(rows, predictions).table(f"{Path(args.eval).name}"))
+    for prompt in streamed:
+        complete([prompt], stream=True)
+    if batched:
+        for prompt, text in zip(batched, complete(batched)):
+            print(json.dumps({"prompt": prompt, "completion": text}))
+    if args.interactive:
+        print("a prompt per line (context_qa: CONTEXT ||| QUESTION); an empty line or Ctrl-D ends", file=sys.stderr)
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            complete([interactive_prompt(line.strip(), kind)], stream=True)
+
+    if new_tokens:
+        print(f"{new_tokens} new tokens in {seconds:.2f}s: {new_tokens / seconds:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""infer.py on tiny random Llamas (CPU, fp32). References: the model's own full forward (no cache)
+for greedy decoding, transformers + PEFT for adapter files and generations, transformers'
+from_pretrained for the merged export, hand-checked SQL rows for --eval, and train.py's own adapter
+for the end-to-end run."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import infer
+import train
+from conftest import train_tiny_sentencepiece, write_tiny_llama
+from llama.generate import generate
+from llama.load import load_llama
+from llama.tokenizer import Tokenizer
+from qlora.data import format_row, write_jsonl
+from qlora.lora import load_adapter, save_adapter
+from qlora.sql_dataset import sql_rows
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 320
+PROMPTS = [[1, 5, 9], [1, 17, 3, 99, 42, 8, 64, 200], [1, 100, 3, 7, 11]]  # ragged on purpose
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny HF checkpoint, its tokenizer, a PEFT adapter made by peft on it, and the same adapter
+    saved again by our save_adapter."""
+    root = tmp_path_factory.mktemp("infer")
+    ckpt = write_tiny_llama(root / "base", vocab_size=VOCAB, num_key_value_heads=2)
+    tokenizer = train_tiny_sentencepiece(root / "tok", VOCAB)
+    torch.manual_seed(3)
+    ref = get_peft_model(LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32),
+                         LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():                              # B = 0 at init: give the adapter an effect
+        g = torch.Generator().manual_seed(1)
+        for name, p in ref.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ref.save_pretrained(root / "peft")
+    ours = load_adapter(load_llama(ckpt, dtype=torch.float32), root / "peft")
+    save_adapter(ours, root / "ours", base_model_name_or_path=str(ckpt))
+    return dict(root=root, ckpt=ckpt, tokenizer=tokenizer, peft=root / "peft", ours=root / "ours",
+                reference=ref.eval())
+
+
+def run_infer(capsys, *argv) -> str:
+    assert infer.main([str(a) for a in argv]) == 0
+    return capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- greedy decoding
+
+def test_greedy_generation_is_the_argmax_of_a_full_forward_at_every_step(files):
+    model = load_adapter(load_llama(files["ckpt"], dtype=torch.float32, load_in_4bit=True), files["ours"]).eval()
+    got = generate(model, PROMPTS, max_new_tokens=10)
+    assert [len(row) for row in got] == [10, 10, 10]
+    with torch.no_grad():
+        for prompt, new in zip(PROMPTS, got):
+            seq = list(prompt)
+            for token in new:                              # no cache: the whole sequence every step
+                assert token == model(torch.tensor([seq]))[0, -1].argmax().item()
+                seq.append(token)
+
+
+def test_cached_decode_step_with_a_tensor_position_equals_an_int_position(files):
+    # The CUDA-graph path feeds the position as a 0-d tensor; the numbers must not depend on it.
+    model = load_llama(files["ckpt"], dtype=torch.float32)
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        model.setup_cache(1, 16)
+        model(ids[:, :5], start_pos=0)
+        by_int = model(ids[:, 5:6], start_pos=5)
+        by_tensor = model(ids[:, 5:6], start_pos=torch.tensor(5))
+        model.clear_cache()
+    assert torch.equal(by_int, by_tensor)
+
+
+# ----------------------------------------------------------------------------- adapters: ours and PEFT's
+
+def test_our_and_peft_adapter_files_give_peft_logits_and_generations(files, capsys):
+    ref = files["reference"]
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        expected = ref(ids).logits
+        for adapter in (files["peft"], files["ours"]):
+            model = load_adapter(load_llama(files["ckpt"], dtype=torch.float32), adapter).eval()
+            torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)
+
+    # The same text from infer.py (streamed) with either file, and from PeftModel.generate.
+    tokenizer = Tokenizer(files["tokenizer"])
+    prompt = "The quick brown fox"
+    prompt_ids = tokenizer.encode(prompt)
+    out = ref.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=10, do_sample=False,
+                       eos_token_id=tokenizer.eos_id, pad_token_id=0)[0, len(prompt_ids):].tolist()
+    out = out[:out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else out
+    expected_text = tokenizer.decode(out).strip()
+    for adapter in (files["peft"], files["ours"]):
+        text = run_infer(capsys, "--adapter", adapter, "--bf16", "--tokenizer", files["tokenizer"],
+                         "--prompt", prompt, "--max_new_tokens", 10)
+        assert text.strip() == expected_text
+
+
+# ----------------------------------------------------------------------------- merge and export
+
+def test_merged_export_reloads_in_our_loader_and_transformers(files, tmp_path, capsys):
+    out = tmp_path / "merged"
+    run_infer(capsys, "--adapter", files["ours"], "--tokenizer", files["tokenizer"], "--export", out)
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.model"}
+    assert not list(tmp_path.glob(".merged*"))            # the temp dir was renamed, nothing left over
+
+    unmerged = load_adapter(load_llama(files["ckpt"], dtype=torch.float32, load_in_4bit=True), files["ours"])
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        expected = unmerged(ids)
+        ours = load_llama(out, dtype=torch.float32)(ids)
+        theirs = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(ids).logits
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)   # the same bf16 file
+        # Merged weights are rounded once to bf16 (8 bits of mantissa): about 0.4% of the logits' range.
+        assert (ours - expected).abs().max() < 1e-2 * expected.abs().max()
+        merged = infer.merged_model(unmerged)                            # --merge: fp32, no rounding
+        torch.testing.assert_close(merged(ids), expected, rtol=1e-4, atol=1e-4)
+    assert Tokenizer(out / "tokenizer.model").encode("hello world") == Tokenizer(files["tokenizer"]).encode("hello world")
+
+
+# ----------------------------------------------------------------------------- --eval
+
+SCHEMA = "CREATE TABLE head (age INTEGER, name VARCHAR)"
+EVAL_ROWS = [  # (row, what the fake model answers): exact+runs, runs only, neither, runs only
+    ({"context": SCHEMA, "question": "How many heads are older than 56?",
+      "answer": "SELECT COUNT(*) FROM head WHERE age > 56"}, "select count(*)  from HEAD where age>56"),
+    ({"context": SCHEMA, "question": "Names of heads?", "answer": "SELECT name FROM head"}, "SELECT age FROM head"),
+    ({"context": SCHEMA, "question": "Oldest head?", "answer": "SELECT MAX(age) FROM head"}, "SELECT salary FROM head"),
+    ({"context": SCHEMA, "question": "Heads named Ann?", "answer": "SELECT * FROM head WHERE name = 'Ann'"},
+     "SELECT * FROM head WHERE name = 'Bob'"),
+]
+
+
+def test_eval_scores_exact_match_and_runs_on_schema(files, tmp_path, capsys, monkeypatch):
+    tokenizer = Tokenizer(files["tokenizer"])
+    answers = {format_row(row, "context_qa")[0]: answer for row, answer in EVAL_ROWS}
+
+    def fake_generate(model, prompt_ids, *args, **kwargs):    # answers each prompt as EVAL_ROWS says
+        return [tokenizer.encode(answers[tokenizer.decode(ids)], bos=False) for ids in prompt_ids]
+
+    monkeypatch.setattr(infer, "generate", fake_generate)
+    write_jsonl([row for row, _ in EVAL_ROWS], tmp_path / "rows.jsonl")
+    table = run_infer(capsys, "--base", files["ckpt"], "--tokenizer", files["tokenizer"], "--eval",
+                      tmp_path / "rows.jsonl", "--batch_size", 3, "--max_new_tokens", 16)
+    assert "| | 4 | 1 (25.0%) | 3 (75.0%) |" in table
+    table = run_infer(capsys, "--base", files["ckpt"], "--tokenizer", files["tokenizer"], "--eval",
+                      tmp_path / "rows.jsonl", "--eval_limit", 1, "--max_new_tokens", 16)
+    assert "| | 1 | 1 (100.0%) | 1 (100.0%) |" in table
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_adapter_for_another_base_model_is_refused(files, tmp_path):
+    other = write_tiny_llama(tmp_path / "other", vocab_size=VOCAB, hidden_size=32, intermediate_size=48)
+    with pytest.raises(SystemExit, match=r"does not fit this model.*--base"):
+        infer.main(["--base", str(other), "--adapter", str(files["peft"]), "--tokenizer", str(files["tokenizer"]),
+                    "--prompt", "hi"])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no adapter dir", "adapter directory .* not found"),
+    ("no adapter weights", "adapter_model.safetensors not found"),
+    ("no base", "does not exist"),
+    ("no tokenizer", "no tokenizer.model"),
+    ("no prompts file", "prompts file .* not found"),
+    ("empty prompt", "empty prompt"),
+    ("blank question", "empty prompt"),
+    ("blank prompts file", "empty prompt"),
+    ("nothing to do", "nothing to do"),
+    ("compile on cpu", "drop --compile"),
+    ("export dir taken", "not an empty directory"),
+])
+def test_bad_input_exits_with_one_line_naming_the_fix(files, tmp_path, case, message):
+    half = tmp_path / "half"                                   # an adapter dir without its weights
+    half.mkdir()
+    shutil.copy(files["ours"] / "adapter_config.json", half)
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    base = ["--adapter", files["ours"], "--tokenizer", files["tokenizer"]]
+    argv = {"no adapter dir": ["--adapter", tmp_path / "nope", "--prompt", "hi"],
+            "no adapter weights": ["--adapter", half, "--prompt", "hi"],
+            "no base": [*base, "--base", tmp_path / "nope", "--prompt", "hi"],
+            "no tokenizer": ["--adapter", files["ours"], "--tokenizer", tmp_path / "no.model", "--prompt", "hi"],
+            "no prompts file": [*base, "--prompts", tmp_path / "nope.txt"],
+            "empty prompt": [*base, "--prompt", ""],
+            "blank question": [*base, "--context", SCHEMA, "--question", "  "],
+            "blank prompts file": [*base, "--prompts", tmp_path / "blank.txt"],
+            "nothing to do": base,
+            "compile on cpu": [*base, "--prompt", "hi", "--compile", "--device", "cpu"],
+            "export dir taken": [*base, "--export", tmp_path]}[case]
+    with pytest.raises(SystemExit, match=message) as e:
+        infer.main([str(a) for a in argv])
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_train_then_infer_end_to_end(tmp_path):
+    rows = sql_rows(40, seed=1)
+    write_jsonl(rows, tmp_path / "rows.jsonl")
+    tiny = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+            "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 512, "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+    (tmp_path / "tiny.json").write_text(json.dumps(tiny))
+    # No --tokenizer: the demo trains one on the rows, and train.py keeps it beside the adapter.
+    settings = {"base_model": tmp_path / "tiny.json", "datasets": tmp_path / "rows.jsonl",
+                "output_dir": tmp_path / "out", "sequence_len": 256, "micro_batch_size": 2, "max_steps": 2,
+                "warmup_steps": 1, "lora_r": 4, "lora_alpha": 8, "eval_steps": 2, "save_steps": 2,
+                "val_set_size": 2}
+    assert train.main([x for k, v in settings.items() for x in (f"--{k}", str(v))]) == 0
+    adapter = tmp_path / "out" / "adapter"
+    assert {"training_config.json", "tokenizer.model"} <= {p.name for p in adapter.iterdir()}
+
+    write_jsonl(rows[:3], tmp_path / "eval.jsonl")
+    done = subprocess.run([sys.executable, "infer.py", "--adapter", str(adapter), "--context", rows[0]["context"],
+                           "--question", rows[0]["question"], "--max_new_tokens", "6",
+                           "--eval", str(tmp_path / "eval.jsonl")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "| eval.jsonl | rows | exact match | runs on schema |" in done.stdout
+    assert done.stdout.strip().splitlines()[-1].strip()          # the streamed answer
+    assert "tokens/s" in done.stderr
+
+    # Bad input from the command line: exit status 1, one line on stderr, no traceback.
+    bad = subprocess.run([sys.executable, "infer.py", "--adapter", str(adapter), "--prompt", " "],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: empty prompt")
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
