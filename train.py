@@ -202,10 +202,20 @@ def main(argv=None) -> int:
         return 130
     finally:
         metrics.close()
-    save_adapter(model, out / "adapter", cfg.base_model, overwrite=True)
-    print(f"done: adapter in {out / 'adapter'}")
+    adapter_dir = save_adapter(model, out / "adapter", cfg.base_model, overwrite=True)
+    # Beside the PEFT files (PEFT ignores them): what infer.py needs to rebuild the prompt format,
+    # the tokenizer and (for the demo) the random base.
+    write_atomically(adapter_dir / "training_config.json", json.dumps(vars(cfg), indent=2).encode())
+    write_atomically(adapter_dir / "tokenizer.model", tokenizer_path.read_bytes())
+    print(f"done: adapter in {adapter_dir}")
     plot_loss(out)
     return 0
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def plot_loss(out: Path) -> None:
