@@ -194,7 +194,8 @@ def run(argv=None) -> int:
     model = load_base(base, train_cfg, device, dtype, load_in_4bit)
     if args.adapter:
         try:
-            load_adapter(model, args.adapter)
+            # A and B stored in the compute dtype: forward casts them to it anyway, now once, not every step.
+            load_adapter(model, args.adapter, dtype=dtype)
         except ValueError as e:
             raise ValueError(f"{e}; pass the --base it was trained on") from None
     model.eval()

@@ -1,9 +1,9 @@
-"""Batched text generation with a KV cache: greedy, or temperature + nucleus (top-p) sampling.
+"""Batched text generation with a static KV cache: greedy, or temperature + nucleus (top-p) sampling.
 
 Prompts of different lengths are right-padded, as in Meta's Llama reference code: the batch
 prefills the shortest prompt's length in one forward, then steps one position at a time for every
 row; a row still inside its own prompt takes its next prompt token instead of the model's choice.
-No attention mask or position shifts are needed, so each row computes exactly what it would alone.
+No padding mask or position shifts are needed, so each row computes exactly what it would alone.
 
 Speed. At batch 1 a decode step reads every weight once and does little else: on a GPU it is bound
 by memory bandwidth and, in eager PyTorch, by the CPU launching a few hundred small kernels. The

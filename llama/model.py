@@ -280,7 +280,7 @@ class Llama(nn.Module):
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         positions = torch.arange(T, device=input_ids.device) + (0 if start_pos is None else start_pos)  # (T,)
-        mask = None
+        cache_positions, mask = None, None                 # None: no cache, SDPA's causal mask
         if start_pos is not None:
             cache = self.model.layers[0].self_attn.kv_cache
             if cache is None:
@@ -291,6 +291,7 @@ class Llama(nn.Module):
                                  f"{batch} x {max_len}: call setup_cache with larger sizes")
             # Query at position p sees cached positions 0..p: causal over the whole static cache.
             mask = positions[:, None] >= torch.arange(max_len, device=input_ids.device)[None, :]  # (T, max_len)
+            cache_positions = positions
         x = self.model.embed_tokens(input_ids)                                         # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)                     # (T, hd) each
         use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled() and start_pos is None
@@ -298,7 +299,7 @@ class Llama(nn.Module):
             if use_checkpoint:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, positions if start_pos is not None else None, mask)
+                x = layer(x, cos, sin, cache_positions, mask)
         x = self.model.norm(x)                                                          # (B, T, C)
         return x if return_hidden else self.lm_head(x)                                 # (B, T, vocab)
 
