@@ -150,6 +150,10 @@ def main(argv=None) -> None:
         else:
             agree = "-"
         print(f"| {side} | {r['tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | {ratio} | {agree} |")
+    if "ours" in results and "ours_graph" in results:     # the graph replays the eager step: same tokens
+        same = results["ours_graph"]["tokens"] == results["ours"]["tokens"]
+        results["ours_graph"]["equals_eager"] = same
+        print(f"CUDA-graph tokens == eager tokens: {same}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         details = {"device": str(device), "checkpoint": str(path), "shape": shape, "prompt": prompt,
