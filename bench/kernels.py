@@ -3,12 +3,13 @@
     python -m bench.kernels [--tokens 4096] [--json results.json]
 
 For each Llama weight shape it times: dequantization (ours vs bnb.functional.dequantize_4bit),
-batch-1 decode (our GEMV vs bnb.matmul_4bit with a 1-row input vs bf16 F.linear), and the
-training-path products y = x @ W^T and grad_x = grad_y @ W for `--tokens` rows (our fused kernel,
-our dequant + cuBLAS, bnb.matmul_4bit, bf16 cuBLAS). The copy and bf16 matmul ceilings are measured
-in the same run. Weights are quantized once by bitsandbytes and shared by both sides (the bytes are
-the same format); each timing rotates over enough weights that they do not fit in the 50 MB L2,
-and triton's do_bench also flushes L2 before every call. Times are medians.
+decode with 1, 4 and 16 rows (our GEMV vs bnb.matmul_4bit vs bf16 F.linear), and the training path
+for `--tokens` rows: y = x @ W^T, grad_x = grad_y @ W and forward + backward through autograd (our
+Triton dequant + cuBLAS, bnb.matmul_4bit, bf16 cuBLAS on a dense weight), with the ratio ours / bf16.
+The copy and bf16 matmul ceilings are measured in the same run. Weights are quantized once by
+bitsandbytes and shared by both sides (the bytes are the same format); each timing rotates over
+enough weights (> 256 MB) that they do not fit in the 50 MB L2, and triton's do_bench also flushes
+L2 before every call. Times are medians.
 """
 
 import argparse
@@ -22,11 +23,12 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from kernels import dequantize_nf4_triton, gemv_nf4, matmul_nf4, matmul_nf4_grad
+from kernels import NF4Matmul, dequantize_nf4_triton, gemv_nf4, matmul_nf4, matmul_nf4_grad
 from qlora.nf4 import QuantState, dequantize_nf4
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]   # [out, in]
 ROTATE_BYTES = 256 * 2**20    # each timing cycles through at least this many bytes of weights
+DECODE_ROWS = (1, 4, 16)
 
 
 def median_us(fn, rotate: int) -> float:
@@ -92,32 +94,34 @@ def bench_shape(out_f: int, in_f: int, tokens: int, bnb_f, bnb) -> dict:
     moved = packed_bytes + 2 * n
     r["dequant_TBps"], r["bnb_dequant_TBps"] = moved / r["dequant_us"] / 1e6, moved / r["bnb_dequant_us"] / 1e6
 
-    # batch-1 decode
-    x1 = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
-    r["gemv_us"] = median_us(lambda i: gemv_nf4(x1, P(i), S(i)), count)
-    r["bnb_gemv_us"] = median_us(lambda i: bnb.matmul_4bit(x1, weights[i][0].t(), weights[i][1]), count)
-    r["gemv_TBps"] = (packed_bytes + 2 * (in_f + out_f)) / r["gemv_us"] / 1e6
-    for m in (4, 16):
-        xm = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
-        r[f"gemv{m}_us"] = median_us(lambda i: gemv_nf4(xm, P(i), S(i)), count)
+    # decode: 1, 4 and 16 rows (bnb has a GEMV for 1 row only; more rows dequantize + matmul)
     dense_count = max(2, math.ceil(ROTATE_BYTES / (2 * n)))
     dense = [torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) for _ in range(dense_count)]
-    r["dense_gemv_us"] = median_us(lambda i: F.linear(x1, dense[i]), dense_count)
+    for m in DECODE_ROWS:
+        xm = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
+        r[f"gemv{m}_us"] = median_us(lambda i: gemv_nf4(xm, P(i), S(i)), count)
+        r[f"bnb_gemv{m}_us"] = median_us(lambda i: bnb.matmul_4bit(xm, weights[i][0].t(), weights[i][1]), count)
+        r[f"dense_gemv{m}_us"] = median_us(lambda i: F.linear(xm, dense[i]), dense_count)
+    r["gemv1_TBps"] = (packed_bytes + 2 * (in_f + out_f)) / r["gemv1_us"] / 1e6
 
-    # training path, forward and input gradient
+    # training path: forward, input gradient, and both through autograd (what Linear4bit runs)
     x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
     gy = torch.randn(tokens, out_f, device="cuda", dtype=torch.bfloat16)
-    flops = 2 * tokens * n
-    r["matmul_fused_us"] = median_us(lambda i: matmul_nf4(x, P(i), S(i)), count)
-    r["matmul_deq_cublas_us"] = median_us(lambda i: F.linear(x, dequantize_nf4_triton(P(i), S(i))), count)
-    r["bnb_matmul_us"] = median_us(lambda i: bnb.matmul_4bit(x, weights[i][0].t(), weights[i][1]), count)
-    r["dense_matmul_us"] = median_us(lambda i: F.linear(x, dense[i]), dense_count)
-    r["grad_fused_us"] = median_us(lambda i: matmul_nf4_grad(gy, P(i), S(i)), count)
-    r["grad_deq_cublas_us"] = median_us(lambda i: gy @ dequantize_nf4_triton(P(i), S(i)), count)
+    xg = x.clone().requires_grad_()
+    grad = lambda y: torch.autograd.grad(y, xg, gy)
+    r["fwd_us"] = median_us(lambda i: matmul_nf4(x, P(i), S(i)), count)
+    r["bnb_fwd_us"] = median_us(lambda i: bnb.matmul_4bit(x, weights[i][0].t(), weights[i][1]), count)
+    r["dense_fwd_us"] = median_us(lambda i: F.linear(x, dense[i]), dense_count)
+    r["grad_us"] = median_us(lambda i: matmul_nf4_grad(gy, P(i), S(i)), count)
     r["dense_grad_us"] = median_us(lambda i: gy @ dense[i], dense_count)
-    for key in ("matmul_fused", "matmul_deq_cublas", "bnb_matmul", "dense_matmul", "grad_fused",
-                "grad_deq_cublas", "dense_grad"):
+    r["fwdbwd_us"] = median_us(lambda i: grad(NF4Matmul.apply(xg, None, P(i), S(i))), count)
+    r["bnb_fwdbwd_us"] = median_us(lambda i: grad(bnb.matmul_4bit(xg, weights[i][0].t(), weights[i][1])), count)
+    r["dense_fwdbwd_us"] = median_us(lambda i: grad(F.linear(xg, dense[i])), dense_count)
+    flops = 2 * tokens * n
+    for key in ("fwd", "bnb_fwd", "dense_fwd", "grad", "dense_grad"):
         r[key + "_TFLOPs"] = flops / r[key + "_us"] / 1e6
+    for key in ("fwd", "grad", "fwdbwd"):
+        r[key + "_vs_bf16"] = r[key + "_us"] / r["dense_" + key + "_us"]
     return r
 
 
@@ -150,21 +154,21 @@ def main() -> None:
         os.replace(args.json + ".tmp", args.json)
 
     print(f"\ncopy {info['copy_TBps']:.2f} TB/s, bf16 matmul 8192^3 {info['matmul_bf16_8192_TFLOPs']:.0f} TFLOP/s")
-    print("| weight | dequant us (TB/s) | bnb dequant us (TB/s) | gemv b1 us | bnb gemv us | ratio | dense gemv us |"
-          " gemv b4 / b16 us |")
+    print("| weight | dequant us (TB/s) | bnb dequant us (TB/s) | "
+          + " | ".join(f"b{m} gemv / bnb / bf16 us" for m in DECODE_ROWS) + " | b1 gemv TB/s |")
     for r in rows:
+        decode = " | ".join(f"{r[f'gemv{m}_us']:.1f} / {r[f'bnb_gemv{m}_us']:.1f} / {r[f'dense_gemv{m}_us']:.1f}"
+                            for m in DECODE_ROWS)
         print(f"| {r['shape']} | {r['dequant_us']:.1f} ({r['dequant_TBps']:.2f}) | {r['bnb_dequant_us']:.1f} "
-              f"({r['bnb_dequant_TBps']:.2f}) | {r['gemv_us']:.1f} | {r['bnb_gemv_us']:.1f} | "
-              f"{r['bnb_gemv_us'] / r['gemv_us']:.2f}x | {r['dense_gemv_us']:.1f} | {r['gemv4_us']:.1f} / "
-              f"{r['gemv16_us']:.1f} |")
-    print(f"\n| weight | fwd fused us (TFLOP/s) | fwd dequant+cuBLAS us | bnb us | bf16 us | fused/bf16 | "
-          f"grad fused us | grad dequant+cuBLAS us | grad bf16 us | fused/bf16 |")
+              f"({r['bnb_dequant_TBps']:.2f}) | {decode} | {r['gemv1_TBps']:.2f} |")
+    print(f"\n{args.tokens} rows; ours = Triton dequant + cuBLAS")
+    print("| weight | fwd ours / bnb / bf16 us | ours/bf16 | grad_x ours / bf16 us | ours/bf16 | "
+          "fwd+bwd ours / bnb / bf16 us | ours/bf16 |")
     for r in rows:
-        print(f"| {r['shape']} | {r['matmul_fused_us']:.0f} ({r['matmul_fused_TFLOPs']:.0f}) | "
-              f"{r['matmul_deq_cublas_us']:.0f} | {r['bnb_matmul_us']:.0f} | {r['dense_matmul_us']:.0f} | "
-              f"{r['matmul_fused_us'] / r['dense_matmul_us']:.3f} | {r['grad_fused_us']:.0f} | "
-              f"{r['grad_deq_cublas_us']:.0f} | {r['dense_grad_us']:.0f} | "
-              f"{r['grad_fused_us'] / r['dense_grad_us']:.3f} |")
+        print(f"| {r['shape']} | {r['fwd_us']:.0f} / {r['bnb_fwd_us']:.0f} / {r['dense_fwd_us']:.0f} | "
+              f"{r['fwd_vs_bf16']:.3f} | {r['grad_us']:.0f} / {r['dense_grad_us']:.0f} | {r['grad_vs_bf16']:.3f} | "
+              f"{r['fwdbwd_us']:.0f} / {r['bnb_fwdbwd_us']:.0f} / {r['dense_fwdbwd_us']:.0f} | "
+              f"{r['fwdbwd_vs_bf16']:.3f} |")
 
 
 if __name__ == "__main__":

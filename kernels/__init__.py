@@ -1,7 +1,8 @@
-"""Triton kernels for NF4 weights: dequantization, the dequant-matmul of training, the decode GEMV."""
+"""Triton kernels for NF4 weights: dequantization, the decode GEMV, and the training-path matmul."""
 
-from kernels.dequant import dequantize_nf4_triton
-from kernels.gemv import MAX_ROWS, gemv_nf4
-from kernels.matmul import check_fused_shape, matmul_nf4, matmul_nf4_grad
+from kernels.dequant import KERNEL_DTYPES, dequantize_nf4_triton
+from kernels.gemv import MAX_ROWS, gemv_nf4, gemv_supported
+from kernels.matmul import NF4Matmul, matmul_nf4, matmul_nf4_grad
 
-__all__ = ["dequantize_nf4_triton", "gemv_nf4", "matmul_nf4", "matmul_nf4_grad", "check_fused_shape", "MAX_ROWS"]
+__all__ = ["KERNEL_DTYPES", "MAX_ROWS", "NF4Matmul", "dequantize_nf4_triton", "gemv_nf4", "gemv_supported",
+           "matmul_nf4", "matmul_nf4_grad"]

@@ -1,8 +1,10 @@
 """NF4 dequantization in Triton: packed 4-bit codes + (double-quantized) absmax -> bf16 / fp16.
 
-Reference: qlora.nf4.dequantize_nf4 (pure PyTorch); dequantize_nf4_triton returns exactly
-dequantize_nf4(packed, state).to(dtype). The two @triton.jit helpers below (`absmax_of_blocks`,
-`dequantize_tile`) are shared with the dequant-matmul (matmul.py) and the decode GEMV (gemv.py).
+Reference: qlora.nf4.dequantize_nf4 (pure PyTorch). Both compute code[q] * absmax in fp32; the kernel
+rounds that once to `dtype`, so it returns exactly dequantize_nf4(packed, state).to(dtype) whenever
+the reference rounds once too: state.dtype is fp32 or `dtype`. (From an fp16 weight to bf16 the
+reference rounds twice, through fp16.) The @triton.jit helpers `decode_absmax` and `round_to` are
+shared with the decode GEMV (gemv.py).
 """
 
 import math
@@ -15,50 +17,20 @@ import triton.language as tl
 from qlora.nf4 import QuantState
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-# Kernels run in Triton's CPU interpreter under TRITON_INTERPRET=1; two of its casts need help.
+# Kernels run in Triton's CPU interpreter under TRITON_INTERPRET=1, whose bf16 cast needs help.
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
-def absmax_of_blocks(block, mask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                     BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """fp32 absmax of the given block indices; undoes double quantization (paper section 3)."""
+def decode_absmax(raw, block, mask, absmax2_ptr, code2_ptr, offset_ptr,
+                  BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """fp32 absmax of `block` from raw = absmax[block]: the value itself, or with double quantization
+    its 8-bit code, decoded as code2[raw] * absmax2[block // 256] + offset (paper section 3)."""
     if DOUBLE_QUANT:
-        # absmax = code2[absmax_u8] * absmax2[block // 256] + offset, in fp32 like the reference.
-        codes = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + codes) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
-        return scale + tl.load(offset_ptr)
+        scale = tl.load(code2_ptr + raw.to(tl.int32)) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
+        return scale + tl.load(offset_ptr)      # a separate add, as in the reference (no fused multiply-add)
     else:
-        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
-
-
-@triton.jit
-def dequantize_tile(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                    rows, k0, N, K,
-                    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 tile W[rows, k0:k0 + BLOCK_K] of an NF4 weight [N, K] with K % BLOCKSIZE == 0.
-
-    Rows and columns past the edge read as 0. K % BLOCKSIZE == 0 means no absmax block crosses a
-    row, so the tile needs only BLOCK_K / G absmax values per row (G = min(BLOCKSIZE, BLOCK_K)).
-    """
-    HALF: tl.constexpr = BLOCK_K // 2
-    G: tl.constexpr = BLOCKSIZE if BLOCKSIZE < BLOCK_K else BLOCK_K
-    row_ok = rows < N                                                          # (BLOCK_N,)
-    cols = k0 // 2 + tl.arange(0, HALF)                                        # (HALF,) byte column
-    mask = row_ok[:, None] & (cols < K // 2)[None, :]                          # (BLOCK_N, HALF)
-    byte = tl.load(packed_ptr + rows[:, None].to(tl.int64) * (K // 2) + cols[None, :], mask=mask, other=0)
-    # Element 2i sits in the high nibble, 2i+1 in the low one (bitsandbytes' order).
-    q = tl.interleave(byte >> 4, byte & 0xF).to(tl.int32)                     # (BLOCK_N, BLOCK_K)
-    values = tl.load(code_ptr + q)                                             # (BLOCK_N, BLOCK_K) fp32
-
-    groups = k0 + tl.arange(0, BLOCK_K // G) * G                              # (BLOCK_K // G,) first column
-    block = (rows[:, None].to(tl.int64) * K + groups[None, :]) // BLOCKSIZE    # (BLOCK_N, BLOCK_K // G)
-    amask = row_ok[:, None] & (groups < K)[None, :]
-    absmax = absmax_of_blocks(block, amask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                              BLOCKSIZE2, DOUBLE_QUANT)                        # (BLOCK_N, BLOCK_K // G)
-    values = tl.reshape(values, (BLOCK_N, BLOCK_K // G, G)) * absmax[:, :, None]
-    return tl.reshape(values, (BLOCK_N, BLOCK_K))
+        return raw
 
 
 @triton.jit
@@ -74,32 +46,22 @@ def round_to(values, dtype: tl.constexpr):
 
 
 @triton.jit
-def dot(a, b, acc):
-    """acc + a @ b with fp32 accumulation (tl.dot)."""
-    if INTERPRET and a.dtype == tl.bfloat16:
-        # Triton's interpreter multiplies bf16 bit patterns as integers; bf16 -> fp32 is exact and
-        # an fp32 product of two bf16 values is exact too, as on the tensor cores.
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n,
+def _dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n, n_bytes,
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                        BLOCK: tl.constexpr):
     # One program decodes BLOCK packed bytes = 2 * BLOCK values; 2 * BLOCK is a multiple of
     # BLOCKSIZE, so a program needs 2 * BLOCK / BLOCKSIZE absmax values and no per-value lookup.
     pid = tl.program_id(0).to(tl.int64)
     byte = pid * BLOCK + tl.arange(0, BLOCK)                                   # (BLOCK,)
-    packed = tl.load(packed_ptr + byte, mask=byte < (n + 1) // 2, other=0)
+    packed = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0)
     q = tl.interleave(packed >> 4, packed & 0xF).to(tl.int32)                 # (2 * BLOCK,) high nibble first
     values = tl.load(code_ptr + q)                                             # (2 * BLOCK,) fp32
 
     NB: tl.constexpr = 2 * BLOCK // BLOCKSIZE
     block = pid * NB + tl.arange(0, NB)                                        # (NB,)
-    absmax = absmax_of_blocks(block, block < tl.cdiv(n, BLOCKSIZE), absmax_ptr, absmax2_ptr, code2_ptr,
-                              offset_ptr, BLOCKSIZE2, DOUBLE_QUANT)            # (NB,) fp32
+    ok = block < tl.cdiv(n, BLOCKSIZE)
+    absmax = decode_absmax(tl.load(absmax_ptr + block, mask=ok, other=0), block, ok, absmax2_ptr, code2_ptr,
+                           offset_ptr, BLOCKSIZE2, DOUBLE_QUANT)               # (NB,) fp32
     values = tl.reshape(tl.reshape(values, (NB, BLOCKSIZE)) * absmax[:, None], (2 * BLOCK,))
 
     elem = pid * 2 * BLOCK + tl.arange(0, 2 * BLOCK)                           # (2 * BLOCK,)
@@ -108,6 +70,10 @@ def _dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
 
 def kernel_args(packed: torch.Tensor, state: QuantState) -> tuple:
     """The pointer arguments every NF4 kernel takes, in order; unused double-quant slots get absmax."""
+    n = math.prod(state.shape)
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
+        raise ValueError(f"packed must be uint8 with {(n + 1) // 2} bytes for shape {tuple(state.shape)}, "
+                         f"got {packed.dtype} with {packed.numel()}")
     if state.code.numel() != 16 or state.absmax.device != packed.device:
         raise ValueError("state must hold a 16-entry code book on the packed weight's device: use state.to(device)")
     if state.double_quant:
@@ -121,14 +87,11 @@ def dequantize_nf4_triton(packed: torch.Tensor, state: QuantState, dtype: torch.
     n = math.prod(state.shape)
     if dtype not in KERNEL_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported by the kernel: use torch.float16 or torch.bfloat16")
-    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
-        raise ValueError(f"packed must be uint8 with {(n + 1) // 2} bytes for shape {tuple(state.shape)}, "
-                         f"got {packed.dtype} with {packed.numel()}")
     out = torch.empty(state.shape, dtype=dtype, device=packed.device)
     block = max(block, state.blocksize // 2)   # a program must cover whole absmax blocks
     grid = (triton.cdiv(n, 2 * block),)
     # enable_fp_fusion=False: the reference computes code2 * absmax2 + offset as a rounded multiply
     # then an add; a fused multiply-add would round once and could differ in the last bit.
-    _dequantize_kernel[grid](*kernel_args(packed.reshape(-1), state), out, n, state.blocksize,
+    _dequantize_kernel[grid](*kernel_args(packed.reshape(-1), state), out, n, (n + 1) // 2, state.blocksize,
                              state.blocksize2, state.double_quant, block, num_warps=4, enable_fp_fusion=False)
     return out

@@ -1,14 +1,26 @@
 """A frozen linear layer whose weight is stored in NF4 (QLoRA paper, section 3 and eq. 5).
 
 The forward pass computes y = x @ dequant(W)^T + b in the compute dtype (bf16 by default); the
-weight never receives a gradient, only the input does, which is all LoRA needs (eq. 6).
+weight never receives a gradient, only the input does, which is all LoRA needs (eq. 6). On a GPU
+(and on the CPU under TRITON_INTERPRET=1) the Triton kernels of kernels/ do the work: a GEMV that
+reads the 4-bit weight once for decoding (1-16 rows), Triton dequantization + cuBLAS for training;
+elsewhere (fp32 inputs, or a CPU without the interpreter) the pure-PyTorch reference
+dequantize_nf4 + F.linear.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import KERNEL_DTYPES, NF4Matmul
+from kernels.dequant import INTERPRET
 from qlora.nf4 import QuantState, dequantize_nf4, quantize_nf4
+
+
+def use_kernels(x: torch.Tensor) -> bool:
+    """Whether Linear4bit runs the Triton kernels for x: fp16 / bf16 on CUDA, or on the CPU when
+    Triton interprets kernels (TRITON_INTERPRET=1, read when kernels/ is imported)."""
+    return x.dtype in KERNEL_DTYPES and (x.is_cuda or bool(INTERPRET))
 
 
 class Linear4bit(nn.Module):
@@ -58,6 +70,9 @@ class Linear4bit(nn.Module):
         return dequantize_nf4(self.packed, self.state).to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_kernels(x):
+            return NF4Matmul.apply(x, self.bias, self.packed, self.state)
+        # The reference: fp32 inputs, or a CPU without TRITON_INTERPRET=1.
         w = self.dequantize(x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else None)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 

@@ -1,0 +1,282 @@
+"""kernels/: the Triton NF4 kernels against their pure-PyTorch references, and Linear4bit on top of
+them against bitsandbytes. The kernels run in Triton's CPU interpreter:
+
+    TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py
+
+Dequantization must be bit-exact. Products are compared with the float64 product of the same fp32
+weight, within a bound derived from the roundings each path makes (fp16 / bf16 operands and outputs,
+fp32 accumulation); a wrong nibble, absmax or mask lands many times outside it.
+"""
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels.gemv
+import kernels.matmul
+from kernels import MAX_ROWS, NF4Matmul, dequantize_nf4_triton, gemv_nf4, matmul_nf4, matmul_nf4_grad
+from qlora.linear4bit import Linear4bit, use_kernels
+from qlora.nf4 import dequantize_nf4, quantize_nf4
+
+ROOT = Path(__file__).resolve().parents[1]
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+# Triton reads TRITON_INTERPRET when it is imported, so it must be set before Python starts.
+interpreted = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs Triton kernels on the CPU: needs TRITON_INTERPRET=1 set before Python starts "
+           "(TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py)")
+
+
+def nf4_weight(shape, blocksize=64, double_quant=True, seed=0):
+    """An fp32 N(0, 1) weight quantized to NF4 -> (packed, state); state.dtype is fp32."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+
+
+def randn(*shape, dtype, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def half_ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half the spacing of `dtype` numbers at magnitude v (float64): the most rounding to nearest moves v."""
+    info = torch.finfo(dtype)
+    return torch.exp2(torch.floor(torch.log2(v.clamp(min=info.tiny)))) * info.eps / 2
+
+
+def error_bound(x, w, dtype, rounded_operands, bias=None):
+    """Elementwise bound on |computed - exact| for x @ w.T (+ bias), exact in float64.
+
+    The computation rounded `rounded_operands` of x and w to `dtype` (relative error u each), summed
+    the products in fp32 ((K + 2) * 2^-24 of sum |x||w| covers the products and the sum), rounded
+    the result to `dtype`, and once more after adding the bias.
+    """
+    x, w = x.double(), w.double()
+    product = x @ w.T
+    u = torch.finfo(dtype).eps / 2
+    first = (rounded_operands * u * (1 + u) + (x.shape[-1] + 2) * 2.0**-24) * (x.abs() @ w.abs().T)
+    bound = first + half_ulp(product.abs() + first, dtype)
+    if bias is not None:
+        bound = bound + half_ulp((product + bias.double()).abs() + bound, dtype)
+    return bound
+
+
+def assert_within(got, exact, bound, what):
+    err = (got.double() - exact).abs()
+    worst = (err / bound).max().item()
+    assert worst <= 1, f"{what}: error {worst:.2f}x the rounding bound (max abs error {err.max().item():.3g})"
+
+
+# ----------------------------------------------------------------------------- dequantization
+
+# 7 x 129: an odd number of values; 129 x 257: 17 programs, the last partial, and > 256 absmax blocks
+# (so several second-level absmax2 blocks with double quantization).
+@interpreted
+@pytest.mark.parametrize("shape", [(3, 100), (7, 129), (129, 257)])
+@pytest.mark.parametrize("blocksize", [64, 128, 4096])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_dequantize_triton_equals_reference_bit_for_bit(shape, blocksize, double_quant, dtype):
+    packed, state = nf4_weight(shape, blocksize, double_quant, seed=shape[0] + blocksize)
+    fp32_values = dequantize_nf4(packed, state)
+    for state_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        s = replace(state, dtype=state_dtype)
+        got = dequantize_nf4_triton(packed, s, dtype)
+        assert got.shape == shape and got.dtype == dtype
+        # The kernel rounds the fp32 value code[q] * absmax once, to `dtype`...
+        assert torch.equal(got, fp32_values.to(dtype))
+        # ...which is what the reference returns whenever it rounds once too.
+        if state_dtype in (torch.float32, dtype):
+            assert torch.equal(got, dequantize_nf4(packed, s).to(dtype))
+
+
+# ----------------------------------------------------------------------------- decode GEMV
+
+# 131 x 192 / 64 = 393 absmax blocks: two second-level blocks; blocksize 256 > the interpreter's BLOCK_K.
+@interpreted
+@pytest.mark.parametrize("N, K, blocksize", [(131, 192, 64), (67, 256, 256)])
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_gemv_within_fp32_rounding_of_exact_product(N, K, blocksize, M, dtype):
+    packed, state = nf4_weight((N, K), blocksize, seed=N + M)
+    w = dequantize_nf4(packed, state)                                  # fp32, what the kernel multiplies by
+    x = randn(M, K, dtype=dtype, seed=M)
+    exact = x.double() @ w.double().T
+    got = gemv_nf4(x, packed, state)
+    assert got.shape == (M, N) and got.dtype == dtype
+    # The kernel keeps W in fp32 (0 rounded operands): only fp32 accumulation and the output rounding.
+    assert_within(got, exact, error_bound(x, w, dtype, rounded_operands=0), "gemv_nf4")
+    # The reference rounds W to `dtype` before the product, so it cannot be closer overall.
+    ref = F.linear(x, w.to(dtype))
+    assert (got.double() - exact).norm() <= (ref.double() - exact).norm()
+
+
+@interpreted
+@pytest.mark.parametrize("config", kernels.gemv.CONFIGS, ids=str)
+def test_gemv_gpu_configs_in_interpreter(config, monkeypatch):
+    # The GPU tiles (BLOCK_K up to 2048, 1-32 absmax groups per tile) differ from the interpreter's;
+    # K = 1536 leaves a partial tile for BLOCK_K 1024 and 2048, N = 13 a partial one for every BLOCK_N.
+    monkeypatch.setattr(kernels.gemv._gemv_kernel, "configs", [config])
+    packed, state = nf4_weight((13, 1536), 64, seed=3)
+    w = dequantize_nf4(packed, state)
+    x = randn(2, 1536, dtype=torch.bfloat16, seed=4)
+    got = gemv_nf4(x, packed, state)
+    assert_within(got, x.double() @ w.double().T, error_bound(x, w, torch.bfloat16, 0), f"gemv_nf4 {config}")
+
+
+# ----------------------------------------------------------------------------- training path
+
+@interpreted
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_matmul_nf4_and_grad_equal_reference(dtype):
+    # in_features 100 is not a multiple of blocksize 64: absmax blocks cross rows of W.
+    packed, state = nf4_weight((37, 100), 64, seed=5)
+    w = dequantize_nf4(packed, state).to(dtype)
+    x, grad_y = randn(2, 9, 100, dtype=dtype, seed=6), randn(2, 9, 37, dtype=dtype, seed=7)
+    # The same torch product of the same (bit-exact) weight: equal, not merely close.
+    assert torch.equal(matmul_nf4(x, packed, state), F.linear(x, w))
+    assert torch.equal(matmul_nf4_grad(grad_y, packed, state), grad_y @ w)
+
+
+@interpreted
+@pytest.mark.parametrize("x_shape", [(5, 128), (4, 10, 128)], ids=["gemv", "matmul"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_nf4matmul_gradients_match_float64_autograd(x_shape, dtype):
+    packed, state = nf4_weight((37, 128), 64, seed=8)
+    w = dequantize_nf4(packed, state)                                  # fp32 [37, 128]
+    x = randn(*x_shape, dtype=dtype, seed=9).requires_grad_()
+    bias = randn(37, dtype=dtype, seed=10).requires_grad_()
+    grad_y = randn(*x_shape[:-1], 37, dtype=dtype, seed=11)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = NF4Matmul.apply(x, bias, packed, state)
+    y.backward(grad_y)
+    # Only the 4-bit storage is kept for backward: no activation, no dequantized weight (eq. 6).
+    assert len(saved) == 1 and saved[0].data_ptr() == packed.data_ptr()
+    assert not packed.requires_grad and packed.grad is None
+
+    # Reference: autograd through dequantize + F.linear, all in float64.
+    x64 = x.detach().double().requires_grad_()
+    bias64 = bias.detach().double().requires_grad_()
+    y64 = F.linear(x64, w.double(), bias64)
+    y64.backward(grad_y.double())
+
+    x2, gy2 = x.detach().reshape(-1, 128), grad_y.reshape(-1, 37)
+    assert_within(y.detach().reshape(-1, 37), y64.detach().reshape(-1, 37),
+                  error_bound(x2, w, dtype, rounded_operands=1, bias=bias.detach()), "forward")
+    assert_within(x.grad.reshape(-1, 128), x64.grad.reshape(-1, 128),
+                  error_bound(gy2, w.T, dtype, rounded_operands=1), "grad_x")
+    # grad_bias sums grad_y over rows in fp32, then rounds once.
+    summed = (gy2.shape[0] + 2) * 2.0**-24 * gy2.double().abs().sum(0)
+    bias_bound = summed + half_ulp(bias64.grad.abs() + summed, dtype)
+    assert_within(bias.grad, bias64.grad, bias_bound, "grad_bias")
+
+
+# ----------------------------------------------------------------------------- Linear4bit
+
+def bnb_linear4bit(linear: nn.Linear):
+    """bitsandbytes.nn.Linear4bit (nf4, double quant, bf16 compute) holding linear's weight, on the CPU."""
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=True, compute_dtype=torch.bfloat16,
+                              compress_statistics=True, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4", blocksize=64)
+    layer.bias = nn.Parameter(linear.bias.data.to(torch.bfloat16), requires_grad=False)
+    return layer.to("cpu")                                             # quantizes the weight
+
+
+@interpreted
+@pytest.mark.parametrize("x_shape", [(1, 192), (2, 3, 192), (4, 10, 192)], ids=["1row", "6rows", "40rows"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["kernels", "reference"])
+def test_linear4bit_matches_bitsandbytes(x_shape, dtype, monkeypatch):
+    torch.manual_seed(12)
+    linear = nn.Linear(192, 67)
+    ours, theirs = Linear4bit.from_linear(linear), bnb_linear4bit(linear)
+    qs = theirs.weight.quant_state
+    assert torch.equal(ours.packed, theirs.weight.data.view(-1)) and torch.equal(ours.absmax, qs.absmax)
+    assert torch.equal(ours.absmax2, qs.state2.absmax) and torch.equal(ours.offset, qs.offset)
+
+    calls = []
+    for name in ("gemv_nf4", "matmul_nf4"):     # record which kernel path NF4Matmul takes
+        fn = getattr(kernels.matmul, name)
+        monkeypatch.setattr(kernels.matmul, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    x = randn(*x_shape, dtype=dtype, seed=13)
+    with torch.no_grad():
+        got = ours(x)
+        expected = theirs(x)
+    rows = x.numel() // 192
+    if dtype == torch.float32:
+        assert calls == []                      # fp32 input: the pure-PyTorch reference
+    else:
+        assert calls == ["gemv_nf4" if rows <= MAX_ROWS else "matmul_nf4"]
+    assert got.shape == expected.shape == (*x_shape[:-1], 67) and got.dtype == expected.dtype == dtype
+
+    w = ours.dequantize(torch.float32)
+    x2, bias = x.reshape(rows, 192), ours.bias
+    exact = (x2.double() @ w.double().T + bias.double())
+    # Ours: W rounded to bf16 (the kernels) or nothing rounded (fp32 reference). bitsandbytes
+    # computes in bf16 whatever the input: W and, for an fp32 input, x are rounded to bf16.
+    ours_bound = error_bound(x2, w, dtype, 1 if dtype == torch.bfloat16 else 0, bias)
+    bnb_bound = error_bound(x2, w, torch.bfloat16, 1 if dtype == torch.bfloat16 else 2, bias)
+    assert_within(got.reshape(rows, 67), exact, ours_bound, "Linear4bit")
+    assert_within(got.reshape(rows, 67), expected.reshape(rows, 67).double(), ours_bound + bnb_bound,
+                  "Linear4bit vs bitsandbytes")
+
+
+@interpreted
+def test_use_kernels_under_interpreter():
+    assert use_kernels(torch.ones(2, dtype=torch.bfloat16)) and use_kernels(torch.ones(2, dtype=torch.float16))
+    assert not use_kernels(torch.ones(2)) and not use_kernels(torch.ones(2, dtype=torch.float64))
+
+
+FALLBACK_SCRIPT = """
+import torch, torch.nn.functional as F
+from unittest import mock
+import qlora.linear4bit as L
+x = torch.randn(3, 64, dtype=torch.bfloat16)
+assert not L.use_kernels(x), "use_kernels is True on a CPU without TRITON_INTERPRET"
+layer = L.Linear4bit.from_weight(torch.randn(8, 64), torch.randn(8))
+with mock.patch.object(L.NF4Matmul, "apply", side_effect=AssertionError("Linear4bit took the kernel path")):
+    y = layer(x)
+assert torch.equal(y, F.linear(x, layer.dequantize(torch.bfloat16), layer.bias)), "not the reference"
+print("reference path")
+"""
+
+
+def test_linear4bit_uses_reference_on_cpu_without_interpreter():
+    # In a fresh interpreter: TRITON_INTERPRET is read once, when kernels/ is imported.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and "reference path" in run.stdout, run.stderr
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_gemv_rejects_bad_input_with_clear_message():
+    packed, state = nf4_weight((8, 64), 64)
+    with pytest.raises(ValueError, match="1 to 16 rows of x, got 17: use matmul_nf4"):
+        gemv_nf4(torch.zeros(17, 64, dtype=torch.bfloat16), packed, state)
+    with pytest.raises(ValueError, match=r"x must be \[rows, in_features\] for the weight \(8, 64\), got x \(2, 65\)"):
+        gemv_nf4(torch.zeros(2, 65, dtype=torch.bfloat16), packed, state)
+    with pytest.raises(ValueError, match="dtype torch.float32"):
+        gemv_nf4(torch.zeros(2, 64), packed, state)
+    packed, state = nf4_weight((8, 100), 64)
+    with pytest.raises(ValueError, match=r"in_features \(100\) must be a multiple of blocksize \(64\)"):
+        gemv_nf4(torch.zeros(2, 100, dtype=torch.bfloat16), packed, state)
+
+
+def test_dequantize_triton_rejects_bad_input_with_clear_message():
+    packed, state = nf4_weight((8, 64), 64)
+    with pytest.raises(ValueError, match="use torch.float16 or torch.bfloat16"):
+        dequantize_nf4_triton(packed, state, torch.float32)
+    with pytest.raises(ValueError, match=r"256 bytes for shape \(8, 64\), got torch.uint8 with 255"):
+        dequantize_nf4_triton(packed[:-1], state, torch.bfloat16)
