@@ -4,7 +4,7 @@
                     --question "How many heads are older than 56?"          # streamed answer
     python infer.py --adapter out/demo/adapter --eval rows.jsonl            # exact match + runs on schema
     python infer.py --adapter out/demo/adapter --export merged/             # merged bf16 HF checkpoint
-    python infer.py --base meta-llama/Llama-2-7b-hf --prompt "Hello" --compile   # no adapter, CUDA graph
+    python infer.py --base meta-llama/Llama-2-7b-hf --prompt "Hello"             # no adapter
 
 The base defaults to the adapter's base_model_name_or_path. train.py leaves training_config.json
 and tokenizer.model beside the adapter's PEFT files: the prompt format (context_qa or alpaca), the
@@ -61,8 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--compile", action="store_true",
-                   help="replay the decode step as a CUDA graph (GPU only; same numbers as eager)")
+    p.add_argument("--eager", action="store_true",
+                   help="on a GPU, run the decode step eagerly instead of replaying it as a CUDA graph "
+                        "(the graph gives the same tokens, 5x faster on an H100: docs/benchmarks.md)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
 
@@ -148,8 +149,6 @@ def run(argv=None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
-    if args.compile and device.type != "cuda":
-        raise ValueError(f"--compile captures CUDA graphs and the device is {device}: drop --compile")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # fp32 is the fast CPU dtype
 
     # ---- the adapter's files: PEFT's config, and what train.py keeps beside it
@@ -240,7 +239,7 @@ def run(argv=None) -> int:
                 on_token = lambda t: print(text_stream.push(int(t[0])), end="", flush=True)  # noqa: E731
             t = time.time()
             out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, tokenizer.eos_id,
-                           generator, on_token=on_token, cuda_graph=args.compile)
+                           generator, on_token=on_token, cuda_graph=device.type == "cuda" and not args.eager)
             seconds += time.time() - t
             new_tokens += sum(len(o) for o in out)
             texts += [tokenizer.decode(o).strip() for o in out]

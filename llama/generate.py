@@ -52,7 +52,7 @@ class DecodeStep:
         if cuda_graph:
             if device.type != "cuda":
                 raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}: "
-                                 "drop cuda_graph (or --compile)")
+                                 "pass cuda_graph=False")
             # Warm up on a side stream (PyTorch's recipe): Triton compiles and autotunes and cuBLAS
             # allocates its workspace now, as none of that may happen while a graph is captured.
             stream = torch.cuda.Stream(device)

@@ -181,7 +181,6 @@ def test_adapter_for_another_base_model_is_refused(files, tmp_path):
     ("blank question", "empty prompt"),
     ("blank prompts file", "empty prompt"),
     ("nothing to do", "nothing to do"),
-    ("compile on cpu", "drop --compile"),
     ("export dir taken", "not an empty directory"),
 ])
 def test_bad_input_exits_with_one_line_naming_the_fix(files, tmp_path, case, message):
@@ -199,7 +198,6 @@ def test_bad_input_exits_with_one_line_naming_the_fix(files, tmp_path, case, mes
             "blank question": [*base, "--context", SCHEMA, "--question", "  "],
             "blank prompts file": [*base, "--prompts", tmp_path / "blank.txt"],
             "nothing to do": base,
-            "compile on cpu": [*base, "--prompt", "hi", "--compile", "--device", "cpu"],
             "export dir taken": [*base, "--export", tmp_path]}[case]
     with pytest.raises(SystemExit, match=message) as e:
         infer.main([str(a) for a in argv])
