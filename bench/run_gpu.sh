@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in the order the device sessions ran them; each stage's JSON goes to $OUT.
+#   bash bench/run_gpu.sh kernels load        # then: decode train, then: train_step
+# bitsandbytes comes from the unpacked wheel in .bnb (README, Notes); the 7B-shaped random
+# checkpoint is written once to /tmp/llama2-7b-random by the first stage that needs it.
+set -uo pipefail
+export PYTHONPATH=$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-out/bench}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+python -c "import torch, triton, bitsandbytes, transformers, peft, sentencepiece, yaml; print('torch', torch.__version__, 'triton', triton.__version__, 'bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+for stage in "$@"; do
+  echo "=== $stage $(date -u +%H:%M:%S)"
+  case $stage in
+    kernels)    timeout 240 python -m bench.kernels --json "$OUT/kernels.json" 2>&1 | tail -30 ;;
+    load)       timeout 330 python -m bench.load --json "$OUT/load.json" 2>&1 | tail -25 ;;
+    decode)     timeout 240 python -m bench.decode --repeats 2 --json "$OUT/decode.json" 2>&1 | tail -25 ;;
+    train_step) timeout 420 python -m bench.train_step --json "$OUT/train_step.json" 2>&1 | tail -60 ;;
+    train)      # the issue #6 GPU check: train.py itself, 7B shapes, micro-batch 2 x 2048, r=32 all-linear
+                timeout 300 python train.py --config configs/llama2-7b-sql.yml --base_model /tmp/llama2-7b-random \
+                  --tokenizer out/llama2-tokenizer.model --datasets builtin:sql --max_steps 10 \
+                  --gradient_accumulation_steps 1 --warmup_steps 2 --eval_steps 1000 --save_steps 1000 \
+                  --logging_steps 1 --output_dir /tmp/train-gpu 2>&1 | grep -v "^Warning" | tail -20 ;;
+  esac
+done
