@@ -22,7 +22,7 @@ def exact_match(predicted: str, reference: str) -> bool:
 
 
 def runs_on_schema(sql: str, context: str) -> bool:
-    """True if `sql` executes on an empty in-memory database created from the CREATE TABLE `context`."""
+    """True if the query `sql` executes on an empty in-memory database made from the CREATE TABLE `context`."""
     db = sqlite3.connect(":memory:")
     try:
         try:
@@ -31,8 +31,9 @@ def runs_on_schema(sql: str, context: str) -> bool:
             raise ValueError(f"the context is not valid SQL for sqlite ({e}); it should hold CREATE TABLE "
                              "statements") from None
         try:
-            db.execute(sql)
-            return True
+            # sqlite accepts an empty string or a lone comment without error; only a statement that
+            # returns a result set (a query) counts as an answer that runs.
+            return db.execute(sql).description is not None
         except (sqlite3.Error, sqlite3.Warning, ValueError):
             return False
     finally:

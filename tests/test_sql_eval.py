@@ -1,5 +1,7 @@
 """SQL scoring on hand-made rows, checked against sqlite3 itself and by hand."""
 
+import sqlite3
+
 import pytest
 
 from qlora.sql_eval import exact_match, normalize_sql, runs_on_schema, score
@@ -25,6 +27,13 @@ def test_runs_on_schema_uses_the_create_table_context():
     assert not runs_on_schema("SELECT salary FROM head", SCHEMA)       # no such column
     assert not runs_on_schema("SELECT * FROM nowhere", SCHEMA)         # no such table
     assert not runs_on_schema("SELEC age FROM head", SCHEMA)           # syntax error
+
+
+def test_empty_or_comment_only_output_does_not_run():
+    # sqlite3 itself executes these without error; an answer must be a query with a result.
+    sqlite3.connect(":memory:").execute("-- nothing")
+    for sql in ["", "   ", "-- nothing", "/* x */"]:
+        assert not runs_on_schema(sql, SCHEMA)
 
 
 def test_score_counts_hand_checked_rows():
