@@ -13,12 +13,28 @@ every linear layer of the block (paper section 4, "QLoRA vs. standard finetuning
 """
 
 import math
+import os
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from kernels.dequant import INTERPRET
+from kernels.rmsnorm import NORM_DTYPES, rms_norm
+from kernels.rope import ROPE_DTYPES, apply_rope_qk
+
+# Fused Triton RMSNorm and RoPE (kernels/rmsnorm.py, kernels/rope.py; issue #8). Off by default: they
+# pass the interpreter tests but have not yet been compiled or timed on a GPU. Turn on (set
+# QLORA_FUSED_NORM_ROPE=1) once bench/train_step.py shows the gain, then make it the default.
+FUSED_NORM_ROPE = os.environ.get("QLORA_FUSED_NORM_ROPE") == "1"
+
+
+def use_fused(x: torch.Tensor, dtypes: tuple) -> bool:
+    """Whether to run the fused kernels on x: switched on, a kernel dtype, and on CUDA or on the CPU
+    when Triton interprets kernels (TRITON_INTERPRET=1, as qlora.linear4bit.use_kernels)."""
+    return FUSED_NORM_ROPE and x.dtype in dtypes and (x.is_cuda or bool(INTERPRET))
 
 
 # ----------------------------------------------------------------------------- config
@@ -159,6 +175,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused(x, NORM_DTYPES) and self.weight.dtype in NORM_DTYPES:
+            return rms_norm(x, self.weight, self.eps)     # the same math in one kernel
         # Normalise in fp32 (bf16 sums of squares lose too much), scale in the input dtype, as HF.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -206,7 +224,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if use_fused(q, ROPE_DTYPES) and q.dtype == k.dtype == cos.dtype == sin.dtype:
+            q, k = apply_rope_qk(q, k, cos, sin)                                       # one kernel, same bits
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if positions is not None:
             k, v = self.kv_cache.update(positions, k, v)                               # (B, nkv, max_len, hd)
