@@ -84,6 +84,10 @@ def main(argv=None) -> int:
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"tokenizer {tokenizer_path} not found: pass --tokenizer PATH/tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
+    # Saved beside every adapter (PEFT ignores them): what infer.py needs to rebuild the prompt
+    # format, the tokenizer and (for the demo) the random base.
+    adapter_extras = {"training_config.json": json.dumps(vars(cfg), indent=2).encode(),
+                      "tokenizer.model": tokenizer_path.read_bytes()}
     data = prepare_data(cfg.datasets, tokenizer, cfg.sequence_len, cfg.val_set_size, cfg.seed,
                         cfg.train_on_inputs, cfg.sample_packing)
     print(data.summary())
@@ -138,7 +142,8 @@ def main(argv=None) -> int:
         trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "scaler": scaler.state_dict(), "data": data_state, "rng": rng,
                          "config": vars(cfg)}
-        path = save_checkpoint(out, at_step, model, lambda d: save_adapter(model, d, cfg.base_model, overwrite=True),
+        path = save_checkpoint(out, at_step, model, lambda d: save_adapter(model, d, cfg.base_model, overwrite=True,
+                                                                           extra_files=adapter_extras),
                                trainer_state)
         print(f"saved {path}")
         return path
@@ -170,13 +175,7 @@ def main(argv=None) -> int:
                 print(f"error: loss is {loss_avg} at step {step + 1}: stopping without saving{where}. "
                       "Lower learning_rate or check the data.", file=sys.stderr)
                 return 1
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            grad_norm, lr = optimizer_step(optimizer, scaler, scheduler, params, cfg.max_grad_norm)
             step += 1
 
             record = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm,
@@ -202,20 +201,22 @@ def main(argv=None) -> int:
         return 130
     finally:
         metrics.close()
-    adapter_dir = save_adapter(model, out / "adapter", cfg.base_model, overwrite=True)
-    # Beside the PEFT files (PEFT ignores them): what infer.py needs to rebuild the prompt format,
-    # the tokenizer and (for the demo) the random base.
-    write_atomically(adapter_dir / "training_config.json", json.dumps(vars(cfg), indent=2).encode())
-    write_atomically(adapter_dir / "tokenizer.model", tokenizer_path.read_bytes())
+    adapter_dir = save_adapter(model, out / "adapter", cfg.base_model, overwrite=True, extra_files=adapter_extras)
     print(f"done: adapter in {adapter_dir}")
     plot_loss(out)
     return 0
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+def optimizer_step(optimizer, scaler, scheduler, params, max_grad_norm: float) -> tuple[float, float]:
+    """Unscale (fp16), clip the grad norm, step, zero the grads, advance the schedule -> (grad norm, lr)."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return grad_norm, lr
 
 
 def plot_loss(out: Path) -> None:

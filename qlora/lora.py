@@ -339,8 +339,11 @@ def adapter_state_dict(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None = None,
-                 overwrite: bool = False) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads."""
+                 overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads.
+
+    extra_files {name: bytes} go into the same directory in the same atomic write (PEFT ignores them).
+    """
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRA layers: call apply_lora(model, ...) first")
@@ -362,6 +365,8 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
     def write(tmp: Path) -> None:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
 
     return _write_dir_atomically(out_dir, write, overwrite)
 
