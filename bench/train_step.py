@@ -109,12 +109,7 @@ def build_ours(s: Settings, device: torch.device):
         scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         loss_value = loss.item()
         with record_function("bench:optimizer"):
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            train.optimizer_step(optimizer, scaler, scheduler, params, cfg.max_grad_norm)
         return loss_value
 
     trainable, total = count_parameters(model)
