@@ -24,9 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.checkpoint import LLAMA2_7B, TINY, write_random_checkpoint
-
-CHECKPOINT_7B = "/tmp/llama2-7b-random"      # the same files as bench/load.py and bench/train_step.py
-CHECKPOINT_TINY = "/tmp/llama-tiny-random"
+from bench.load import CHECKPOINT_7B, CHECKPOINT_TINY, load_ours, load_peer, pick_device
 
 
 def sync(device: torch.device) -> None:
@@ -52,9 +50,8 @@ def timed_runs(run, device: torch.device, repeats: int) -> dict:
 
 def bench_ours(path, device, prompt: list[int], new_tokens: int, repeats: int, cuda_graph: bool) -> dict:
     from llama.generate import generate
-    from llama.load import load_llama
 
-    model = load_llama(path, device, torch.bfloat16, load_in_4bit=True).eval()
+    model = load_ours(path, device).eval()
 
     def run(on_token):
         return generate(model, [prompt], new_tokens, eos_id=None, on_token=on_token, cuda_graph=cuda_graph)[0]
@@ -65,12 +62,7 @@ def bench_ours(path, device, prompt: list[int], new_tokens: int, repeats: int, c
 
 
 def bench_peer(path, device, prompt: list[int], new_tokens: int, repeats: int) -> dict:
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
-
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = LlamaForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
-                                             attn_implementation="sdpa", device_map={"": str(device)}).eval()
+    model = load_peer(path, device).eval()
     ids = torch.tensor([prompt], device=device)
 
     class Stamps:              # a transformers streamer: put() gets the prompt first, then each new token
@@ -110,7 +102,7 @@ def main(argv=None) -> None:
     p.add_argument("--json", help="write the details here")
     args = p.parse_args(argv)
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     shape = TINY if args.tiny else LLAMA2_7B
     path = write_random_checkpoint(args.checkpoint or (CHECKPOINT_TINY if args.tiny else CHECKPOINT_7B), shape)
     gen = torch.Generator().manual_seed(0)
