@@ -21,6 +21,11 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def runs_here(x: torch.Tensor) -> bool:
+    """Whether Triton kernels can run on x's device: CUDA, or the CPU when Triton interprets them."""
+    return x.is_cuda or bool(INTERPRET)
+
+
 @triton.jit
 def decode_absmax(raw, block, mask, absmax2_ptr, code2_ptr, offset_ptr,
                   BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels.dequant import INTERPRET
+from kernels.dequant import runs_here
 from kernels.rmsnorm import NORM_DTYPES, rms_norm
 from kernels.rope import ROPE_DTYPES, apply_rope_qk
 
@@ -33,8 +33,8 @@ FUSED_NORM_ROPE = os.environ.get("QLORA_FUSED_NORM_ROPE") == "1"
 
 def use_fused(x: torch.Tensor, dtypes: tuple) -> bool:
     """Whether to run the fused kernels on x: switched on, a kernel dtype, and on CUDA or on the CPU
-    when Triton interprets kernels (TRITON_INTERPRET=1, as qlora.linear4bit.use_kernels)."""
-    return FUSED_NORM_ROPE and x.dtype in dtypes and (x.is_cuda or bool(INTERPRET))
+    when Triton interprets kernels (kernels.dequant.runs_here)."""
+    return FUSED_NORM_ROPE and x.dtype in dtypes and runs_here(x)
 
 
 # ----------------------------------------------------------------------------- config

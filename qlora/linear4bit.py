@@ -13,14 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import KERNEL_DTYPES, NF4Matmul
-from kernels.dequant import INTERPRET
+from kernels.dequant import runs_here
 from qlora.nf4 import QuantState, dequantize_nf4, quantize_nf4
 
 
 def use_kernels(x: torch.Tensor) -> bool:
     """Whether Linear4bit runs the Triton kernels for x: fp16 / bf16 on CUDA, or on the CPU when
     Triton interprets kernels (TRITON_INTERPRET=1, read when kernels/ is imported)."""
-    return x.dtype in KERNEL_DTYPES and (x.is_cuda or bool(INTERPRET))
+    return x.dtype in KERNEL_DTYPES and runs_here(x)
 
 
 class Linear4bit(nn.Module):
