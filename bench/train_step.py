@@ -107,6 +107,7 @@ def build_ours(s: Settings, device: torch.device):
             with record_function("bench:loss"):
                 loss = causal_lm_loss(hidden, model.lm_head.weight, labels)
         scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+        step.enqueued = time.perf_counter()       # the host has launched forward and backward
         loss_value = loss.item()
         with record_function("bench:optimizer"):
             train.optimizer_step(optimizer, scaler, scheduler, params, cfg.max_grad_norm)
@@ -141,6 +142,7 @@ def build_peer(s: Settings, device: torch.device):
         with torch.autocast(device.type, dtype=torch.bfloat16):          # Trainer with bf16=True
             loss = model(input_ids=input_ids, labels=labels).loss
         loss.backward()
+        step.enqueued = time.perf_counter()
         loss_value = loss.item()
         with record_function("bench:optimizer"):
             torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm).item()
@@ -341,7 +343,10 @@ def group_profile(events, cuda: bool) -> dict:
                     and not e.name.startswith(("bench:", "ProfilerStep")))
         rows["other (memcpy, memset, unattributed)"] += max(0.0, total - sum(rows.values()))
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
-    return {"rows": rows, "top": [dict(name=n, row=r, us=us, count=c) for (n, r), (us, c) in top]}
+    return {"rows": rows, "top": [dict(name=n, row=r, us=us, count=c) for (n, r), (us, c) in top],
+            "kernels": len(work) if cuda else None,
+            "aten_ops": sum(1 for e in cpu_events if e.name.startswith("aten::") and
+                            not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))}
 
 
 def profile_step(model, step, batch, device) -> dict:
@@ -401,18 +406,22 @@ def run_side(side: str, s: Settings, device: torch.device, do_profile: bool) -> 
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    losses, times = [], []
+    losses, times, host = [], [], []
     for i in range(s.warmup_steps + s.timed_steps):
         t0 = time.perf_counter()
         losses.append(step(*batch))           # step() ends in .item() calls: the GPU is done
         if cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
+        host.append(step.enqueued - t0)
         print(f"{side}: step {i + 1} loss {losses[-1]:.4f} {times[-1]:.3f}s"
               f"{' (warm-up)' if i < s.warmup_steps else ''}", flush=True)
     median = statistics.median(times[s.warmup_steps:])
     result = dict(side=side, device=str(device), settings=asdict(s), versions=versions(), **info,
                   losses=losses, step_times_s=times, median_step_s=median,
+                  # Host time until backward() returned (all forward and backward kernels launched);
+                  # close to the step time means the GPU waited on Python, not the other way round.
+                  host_enqueue_s=host, median_host_enqueue_s=statistics.median(host[s.warmup_steps:]),
                   tokens_per_s=s.micro_batch * s.seq_len / median, flops_per_token=flops_per_token(config, s))
     if cuda:
         result.update(peak_allocated=torch.cuda.max_memory_allocated(device),
@@ -449,6 +458,7 @@ def print_tables(results: dict, s: Settings, ceiling: float | None, device_name:
     rows = [(f"step time (median of {s.timed_steps} after {s.warmup_steps} warm-up)", "median_step_s",
              lambda v: f"{v:.3f} s"),
             ("throughput (tokens/s)", "tokens_per_s", lambda v: f"{v:,.0f}"),
+            ("host time to launch forward + backward (median)", "median_host_enqueue_s", lambda v: f"{v:.3f} s"),
             ("peak allocated during training", "peak_allocated", size),
             ("peak reserved during training", "peak_reserved", size),
             ("trainable parameters", "trainable_params", lambda v: f"{v / 1e6:.1f}M")]
@@ -512,7 +522,8 @@ def print_profile(profiled: dict) -> None:
     for side in sides:
         wall, busy = profiled[side]["wall_s"], totals[side] / 1e6
         print(f"{side}: profiled step {wall:.3f} s wall (profiler on), {busy:.3f} s measured "
-              f"({100 * busy / wall:.0f}% of the wall time; the rest is idle GPU or profiler overhead)")
+              f"({100 * busy / wall:.0f}% of the wall time; the rest is idle GPU or profiler overhead); "
+              f"{profiled[side].get('aten_ops')} aten ops called from Python, {profiled[side].get('kernels')} kernels")
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import KERNEL_DTYPES, NF4Matmul
+from kernels import KERNEL_DTYPES, NF4Matmul, matmul_nf4_grad
 from kernels.dequant import runs_here
 from qlora.nf4 import QuantState, dequantize_nf4, quantize_nf4
 
@@ -75,6 +75,13 @@ class Linear4bit(nn.Module):
         # The reference: fp32 inputs, or a CPU without TRITON_INTERPRET=1.
         w = self.dequantize(x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else None)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def grad_input(self, grad_y: torch.Tensor) -> torch.Tensor:
+        """grad_y [..., out] @ W -> [..., in]: the input gradient of forward, for callers that write
+        their own backward (qlora.lora.LoRAFunction). W is frozen, so this is all its backward needs."""
+        if use_kernels(grad_y):
+            return matmul_nf4_grad(grad_y, self.packed, self.state)
+        return grad_y @ self.dequantize(grad_y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -62,18 +62,10 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)                                                     # (..., out)
         if self.merged:
-            return y
-        # The adapter runs in the compute dtype of x (bf16 in QLoRA); A and B are cast to it, and
-        # autograd casts their gradients back to the storage dtype (fp32 by default).
-        h = F.linear(self.dropout(x), self.lora_a.to(x.dtype)) * self.scaling  # (..., r)
-        # Scaling the r columns of h instead of the out columns of B h, and letting addmm add y in
-        # the matmul's epilogue, saves two passes over a full (tokens, out) tensor forward and one
-        # backward (the H100 profile in docs/benchmarks.md counts those passes).
-        y2 = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, self.r),
-                         self.lora_b.to(x.dtype).t())                          # (tokens, out)
-        return y2.view(y.shape)
+            return self.base(x)
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
+        return LoRAFunction.apply(x, self.lora_a, self.lora_b, self.base, self.scaling, p)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, fp32 [out, in]: what merging adds to the base weight."""
@@ -109,6 +101,66 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, use_rslora={self.use_rslora}, "
                 f"dtype={self.lora_a.dtype}, merged={self.merged}")
+
+
+class LoRAFunction(torch.autograd.Function):
+    """out = base(x) + s * dropout(x) A^T B^T (eq. 5) as one autograd node, forward and backward.
+
+    Autograd on the plain ops records ~10 nodes per adapted layer (dropout, casts, two matmuls, a
+    scale, an add); 224 such layers on Llama-2-7B, run twice under gradient checkpointing, made the
+    step wait on Python (the H100 profile in docs/benchmarks.md). Here the adapter runs in the compute
+    dtype of x (bf16 in QLoRA) with A and B cast once, s is applied in addmm's epilogue, and backward
+    computes from what it needs and nothing else:
+
+        h = xd A^T,  xd = dropout(x)                 saved: xd, the dropout mask, h (tokens x r)
+        grad_B = s g^T h          grad_A = (s g B)^T xd
+        grad_x = g W + mask / (1 - p) * ((s g B) A)   (W frozen: no weight gradient, eq. 6)
+
+    base is nn.Linear or Linear4bit; its forward runs as usual (for a 4-bit base: the Triton dequant
+    and cuBLAS, or the decode GEMV), and its input gradient comes from _base_grad_input.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float):
+        # The compute dtype: autocast's (bf16 in QLoRA training) when it is on, else x's. Backward
+        # runs outside autocast, so everything it reads is saved in that dtype.
+        on = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
+        a, b = lora_a.to(dtype), lora_b.to(dtype)                      # [r, in], [out, r]
+        y = base(x).to(dtype)                                           # (..., out); a no-op under autocast
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)                       # (M, in)
+        xd, mask = torch.native_dropout(x2, p, True) if p > 0 else (x2, None)   # (M, in), bool (M, in)
+        h = xd @ a.t()                                                  # (M, r)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h, b.t(), alpha=scaling)  # (M, out) = y + s h B^T
+        ctx.save_for_backward(xd, mask, h, a, b)
+        ctx.base, ctx.scaling, ctx.p = base, scaling, p
+        return out.view(y.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xd, mask, h, a, b = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad_out.reshape(-1, grad_out.shape[-1])                   # (M, out)
+        gh = (g @ b).mul_(s)                                            # (M, r): the gradient reaching h
+        grad_a = gh.t() @ xd if ctx.needs_input_grad[1] else None       # (r, in)
+        grad_b = (g.t() @ h).mul_(s) if ctx.needs_input_grad[2] else None   # (out, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _base_grad_input(ctx.base, g)                      # (M, in) = g W
+            if mask is None:
+                grad_x.addmm_(gh, a)                                    # + (s g B) A, in the epilogue
+            else:
+                grad_x.addcmul_(gh @ a, mask, value=1 / (1 - ctx.p))    # dropout's backward: mask / (1 - p)
+            grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1])
+        # Autograd casts grad_a and grad_b to the adapter's storage dtype (fp32 by default).
+        return grad_x, grad_a, grad_b, None, None, None
+
+
+def _base_grad_input(base: nn.Module, grad_y: torch.Tensor) -> torch.Tensor:
+    """grad_y @ W for the frozen base layer (nn.Linear or Linear4bit), in grad_y's dtype."""
+    if isinstance(base, Linear4bit):
+        return base.grad_input(grad_y)
+    return grad_y @ base.weight.to(grad_y.dtype)
 
 
 def _check_lora_args(r, alpha, dropout, dtype) -> None:

@@ -103,6 +103,76 @@ def test_forward_and_grads_match_peft_lora_layer(use_rslora):
     assert ours.base.weight.grad is None and ours.base.bias.grad is None
 
 
+def peft_dropout_layer(base: nn.Linear, r, alpha, dropout):
+    model = get_peft_model(OneProj(copy.deepcopy(base)),
+                           LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"]))
+    return model, model.base_model.model.proj
+
+
+@pytest.mark.parametrize("x_needs_grad", [True, False])
+def test_dropout_forward_and_grads_match_peft_under_the_same_seed(x_needs_grad):
+    # LoRAFunction writes dropout's backward itself (mask / (1 - p) on the adapter's input gradient);
+    # PEFT runs nn.Dropout under autograd. The same seed draws the same mask on both sides.
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40, bias=True)
+    model, ref = peft_dropout_layer(base, r=4, alpha=8, dropout=0.4)
+    ours = LoRALinear(copy.deepcopy(base), r=4, alpha=8, dropout=0.4)
+    with torch.no_grad():
+        ref.lora_B["default"].weight.normal_()
+        ours.lora_a.copy_(ref.lora_A["default"].weight)
+        ours.lora_b.copy_(ref.lora_B["default"].weight)
+    model.train(), ours.train()
+    x = torch.randn(3, 5, 24)
+    x_ours, x_ref = x.clone().requires_grad_(x_needs_grad), x.clone().requires_grad_(x_needs_grad)
+    torch.manual_seed(7)
+    y_ours = ours(x_ours)
+    torch.manual_seed(7)
+    y_ref = model(x_ref)
+    torch.testing.assert_close(y_ours, y_ref, rtol=1e-6, atol=1e-6)
+    grad_out = torch.randn_like(y_ref)
+    y_ours.backward(grad_out)
+    y_ref.backward(grad_out)
+    torch.testing.assert_close(ours.lora_a.grad, ref.lora_A["default"].weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.lora_b.grad, ref.lora_B["default"].weight.grad, rtol=1e-5, atol=1e-6)
+    if x_needs_grad:
+        torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+        # The mask matters: without dropout the input gradient differs.
+        ours.eval()
+        x_plain = x.clone().requires_grad_()
+        ours(x_plain).backward(grad_out)
+        assert not torch.allclose(x_plain.grad, x_ours.grad, rtol=1e-3, atol=1e-3)
+    else:
+        assert x_ours.grad is None
+    # eval() turns dropout off, as in PEFT.
+    ours.eval(), model.eval()
+    torch.testing.assert_close(ours(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_fp32_weights_under_bf16_autocast_match_float64():
+    # Autocast decides the compute dtype (bf16) although x and the weights are fp32; backward, which
+    # runs outside autocast, must then work in bf16 too and hand fp32 gradients back.
+    torch.manual_seed(0)
+    ours = LoRALinear(nn.Linear(64, 32, bias=False), r=8, alpha=16, dropout=0.0)
+    with torch.no_grad():
+        ours.lora_b.normal_()
+    x = torch.randn(4, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x)
+    assert y.dtype == torch.bfloat16
+    grad_out = torch.randn(4, 32)
+    y.backward(grad_out.bfloat16())
+    assert x.grad.dtype == ours.lora_a.grad.dtype == ours.lora_b.grad.dtype == torch.float32
+    w, a, b = (t.detach().double() for t in (ours.base.weight, ours.lora_a, ours.lora_b))
+    x64, g64 = x.detach().double().requires_grad_(), grad_out.bfloat16().double()
+    a64, b64 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    y64 = x64 @ w.T + 2.0 * (x64 @ a64.T) @ b64.T
+    y64.backward(g64)
+    # bf16 inputs and outputs: a few units of 2^-8 relative to the magnitudes involved.
+    torch.testing.assert_close(y.double(), y64.detach(), rtol=3e-2, atol=5e-2)
+    for got, want in [(x.grad, x64.grad), (ours.lora_a.grad, a64.grad), (ours.lora_b.grad, b64.grad)]:
+        torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+
+
 def test_init_matches_peft_under_same_seed():
     base = nn.Linear(24, 40)
     _, ref = peft_layer(base, r=8, alpha=16)
