@@ -174,7 +174,12 @@ def scope_of(module) -> str | None:
     return None
 
 
-ROPE_FUNCTIONS = [("llama.model", "apply_rope"), ("transformers.models.llama.modeling_llama", "apply_rotary_pos_emb")]
+# Functions (not modules) whose calls become a named range: (module, attribute, scope).
+# qlora.lora._base_grad_input is the frozen base's input gradient inside LoRAFunction's backward,
+# which would otherwise count as LoRA (the node's forward scope).
+SCOPED_FUNCTIONS = [("llama.model", "apply_rope", "rope"), ("llama.model", "apply_rope_qk", "rope"),
+                    ("transformers.models.llama.modeling_llama", "apply_rotary_pos_emb", "rope"),
+                    ("qlora.lora", "_base_grad_input", "base")]
 
 # (row, group): the groups are the ones issue #8 asks for; the rows say where inside them.
 ROWS = [("matmul: frozen base (4-bit linears)", "matmul"),
@@ -224,8 +229,8 @@ def row_of(kernel: str, scope: str | None) -> str:
 
 class Scopes:
     """While active, named record_function ranges mark where the step is: the forward of each module
-    scope_of() names and of lm_head ("loss"), each RoPE call, and the peer's loss function (ours has
-    its ranges in build_ours' step). Everything is undone on exit.
+    scope_of() names and of lm_head ("loss"), each call of SCOPED_FUNCTIONS, and the peer's loss
+    function (ours has its ranges in build_ours' step). Everything is undone on exit.
 
     always_call: checkpointing's recomputation stops with an exception once it has rebuilt the saved
     tensors backward needs, in the middle of a forward; the range must close then too.
@@ -261,11 +266,11 @@ class Scopes:
                 # transformers' model.loss_function has a setter that stores _loss_function
                 m.loss_function = self._scoped("loss", m.loss_function)
                 self.undo.append(functools.partial(delattr, m, "_loss_function"))
-        for module_name, attr in ROPE_FUNCTIONS:
+        for module_name, attr, name in SCOPED_FUNCTIONS:
             module = sys.modules.get(module_name)
             if module is not None and hasattr(module, attr):
                 fn = getattr(module, attr)
-                setattr(module, attr, self._scoped("rope", fn))
+                setattr(module, attr, self._scoped(name, fn))
                 self.undo.append(functools.partial(setattr, module, attr, fn))
         return self
 
@@ -332,6 +337,8 @@ def group_profile(events, cuda: bool) -> dict:
     for name, us, e in work:
         row = row_of(name, scope(e))
         rows[row] += us
+        if cuda and name.startswith(("Memcpy", "Memset")):     # say which op asked for the copy
+            name = f"{name} <- {e.name}" + (f" <- {e.cpu_parent.name}" if e.cpu_parent is not None else "")
         entry = kernels.setdefault((name[:160], row), [0.0, 0])
         entry[0] += us
         entry[1] += 1

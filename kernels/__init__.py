@@ -1,11 +1,13 @@
 """Triton kernels for NF4 weights (dequantization, the decode GEMV, the training-path matmul) and the
-fused RMSNorm and RoPE of the Llama block."""
+fused RMSNorm, RoPE and SwiGLU of the Llama block."""
 
 from kernels.dequant import KERNEL_DTYPES, dequantize_nf4_triton
 from kernels.gemv import MAX_ROWS, gemv_nf4, gemv_supported
 from kernels.matmul import NF4Matmul, matmul_nf4, matmul_nf4_grad
 from kernels.rmsnorm import RMSNormFunction, rms_norm
 from kernels.rope import RoPEFunction, apply_rope_qk
+from kernels.swiglu import SwiGLUFunction, swiglu
 
 __all__ = ["KERNEL_DTYPES", "MAX_ROWS", "NF4Matmul", "RMSNormFunction", "RoPEFunction", "apply_rope_qk",
-           "dequantize_nf4_triton", "gemv_nf4", "gemv_supported", "matmul_nf4", "matmul_nf4_grad", "rms_norm"]
+           "dequantize_nf4_triton", "gemv_nf4", "gemv_supported", "matmul_nf4", "matmul_nf4_grad", "rms_norm",
+           "SwiGLUFunction", "swiglu"]

@@ -10,7 +10,7 @@ dtype of (weight, x): a bf16 x with an fp32 weight gives an fp32 y, with or with
 on no autocast list). The kernel does the same roundings; the only difference from the reference is
 the order of the fp32 sum of squares. Backward works in fp32 from the saved x and the per-row rstd
 and rounds grad_x once; autograd on the reference also rounds grad_y * weight to x's dtype on the
-way, so the two gradients agree within a few roundings (tests/test_kernels_norm_rope.py derives the bound).
+way, so the two gradients agree within a few roundings (tests/test_kernels_fused.py derives the bound).
 """
 
 import torch

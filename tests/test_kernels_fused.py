@@ -1,8 +1,8 @@
-"""kernels/rmsnorm.py and kernels/rope.py against their references, llama.model.RMSNorm and
-llama.model.apply_rope, and the model with the fused path on against the model with it off. The
+"""kernels/rmsnorm.py, kernels/rope.py and kernels/swiglu.py against their references (llama.model's
+RMSNorm, apply_rope, F.silu(g) * u), and the model with the fused path on against the model with it off. The
 kernels run in Triton's CPU interpreter:
 
-    TRITON_INTERPRET=1 python -m pytest tests/test_kernels_norm_rope.py
+    TRITON_INTERPRET=1 python -m pytest tests/test_kernels_fused.py
 
 RoPE must equal the reference (forward and autograd) bit for bit: the kernel rounds where the
 reference's separate ops round. RMSNorm must equal the reference's ops given the kernel's rstd, and
@@ -20,6 +20,7 @@ import kernels.rmsnorm
 import llama.model
 from kernels.rmsnorm import rms_norm, rms_norm_forward
 from kernels.rope import apply_rope_qk
+from kernels.swiglu import swiglu
 from llama.model import Llama, LlamaConfig, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from qlora.lora import apply_lora, lora_layers
 
@@ -36,7 +37,7 @@ RSTD_RTOL = 1e-6
 interpreted = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
     reason="runs Triton kernels on the CPU: needs TRITON_INTERPRET=1 set before Python starts "
-           "(TRITON_INTERPRET=1 python -m pytest tests/test_kernels_norm_rope.py)")
+           "(TRITON_INTERPRET=1 python -m pytest tests/test_kernels_fused.py)")
 
 
 def assert_within(actual, expected, tol, what):
@@ -266,6 +267,60 @@ def test_rope_refuses_what_it_cannot_do():
         apply_rope_qk(q, torch.randn(1, 2, 4, 8), cos, sin)
 
 
+# ----------------------------------------------------------------------------- SwiGLU
+
+# fp32 exp, sigmoid and silu: the interpreter's numpy and CUDA's fast exp are within ~1e-6 relative
+# for the |g| <= 40 used here (the exponent's argument is rounded, and ex2.approx adds a few ulp).
+EXP_RTOL = 1e-6
+
+
+def swiglu_inputs(shape, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(shape, generator=gen) * 4
+    g.view(-1)[:8] = torch.tensor([0.0, -0.0, 30.0, -30.0, 40.0, -40.0, 1e-3, -1e-3])   # saturation, zero
+    u, dy = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    return g.to(dtype), u.to(dtype), dy.to(dtype)
+
+
+def swiglu_grads(fn, g, u, dy):
+    g, u = g.detach().requires_grad_(), u.detach().requires_grad_()
+    y = fn(g, u)
+    return (y, *torch.autograd.grad(y, (g, u), dy))
+
+
+@interpreted
+@pytest.mark.parametrize("shape", [(11,), (3, 7, 130), (2, 1030)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_swiglu_forward_and_grads_within_rounding_of_float64(dtype, shape):
+    g, u, dy = swiglu_inputs(shape, dtype, seed=sum(shape))
+    ours = swiglu_grads(swiglu, g, u, dy)
+    ref = swiglu_grads(lambda g, u: torch.nn.functional.silu(g) * u, g, u, dy)
+    g64, u64, dy64 = g.double(), u.double(), dy.double()
+    sig = torch.sigmoid(g64)
+    s = g64 * sig                                                   # silu
+    d = sig * (1 + g64 * (1 - sig))                                 # silu'
+    exact = [s * u64, dy64 * u64 * d, dy64 * s]                     # y, grad_g, grad_u
+    uu = U[dtype]
+    floor = torch.finfo(dtype).smallest_normal * uu                 # fp16 results can be subnormal
+    # y and grad_u: silu in fp32 (EXP_RTOL), rounded; a product, rounded: 2 roundings.
+    # grad_g: dy * u rounded, times silu' in fp32 (sigmoid's EXP_RTOL enters through sig, 1 - sig and
+    # g (1 - sig): 3 EXP_RTOL of sig (1 + 2|g|) bounds them), rounded once more.
+    bounds = [(EXP_RTOL + 2.01 * uu) * exact[0].abs() + floor,
+              2.01 * uu * exact[1].abs() + 3 * EXP_RTOL * (dy64 * u64).abs() * sig * (1 + 2 * g64.abs()) + floor,
+              (EXP_RTOL + 2.01 * uu) * exact[2].abs() + floor]
+    for name, got, want, e, tol in zip(["y", "grad_g", "grad_u"], ours, ref, exact, bounds):
+        assert got.dtype == dtype and got.shape == g.shape
+        assert_within(got, e, tol, f"{name} vs float64")
+        assert_within(got, want, 2 * tol, f"{name} vs F.silu(g) * u")   # the reference is within tol too
+
+
+def test_swiglu_refuses_mismatched_inputs():
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        swiglu(torch.randn(2, 3), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        swiglu(torch.randn(2, 3), torch.randn(2, 3).half())
+
+
 # ----------------------------------------------------------------------------- the model
 
 def tiny_lora_llama(dtype, lora_dtype):
@@ -301,7 +356,7 @@ def logits_and_lora_grads(model, ids, weights):
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_model_with_fused_norm_rope_matches_reference_path(dtype, monkeypatch):
-    calls = {"norm": 0, "rope": 0}
+    calls = {"norm": 0, "rope": 0, "swiglu": 0}
 
     def spy(key, fn):
         def wrapped(*args):
@@ -311,17 +366,18 @@ def test_model_with_fused_norm_rope_matches_reference_path(dtype, monkeypatch):
 
     monkeypatch.setattr(llama.model, "rms_norm", spy("norm", llama.model.rms_norm))
     monkeypatch.setattr(llama.model, "apply_rope_qk", spy("rope", llama.model.apply_rope_qk))
+    monkeypatch.setattr(llama.model, "swiglu", spy("swiglu", llama.model.swiglu))
     gen = torch.Generator().manual_seed(3)
     ids, weights = torch.randint(0, 64, (2, 7), generator=gen), torch.randn(2, 7, 64, generator=gen, dtype=torch.float64)
     model = tiny_lora_llama(dtype, torch.float32)
     exact = logits_and_lora_grads(tiny_lora_llama(torch.float64, torch.float64), ids, weights)
 
-    monkeypatch.setattr(llama.model, "FUSED_NORM_ROPE", False)
+    monkeypatch.setattr(llama.model, "FUSED_KERNELS", "0")
     off = logits_and_lora_grads(model, ids, weights)
-    assert calls == {"norm": 0, "rope": 0}
-    monkeypatch.setattr(llama.model, "FUSED_NORM_ROPE", True)
+    assert calls == {"norm": 0, "rope": 0, "swiglu": 0}
+    monkeypatch.setattr(llama.model, "FUSED_KERNELS", "1")
     on = logits_and_lora_grads(model, ids, weights)
-    assert calls["norm"] > 0 and calls["rope"] > 0
+    assert calls["norm"] > 0 and calls["rope"] > 0 and calls["swiglu"] > 0
 
     # The fused path rounds where the reference path does or less often (RoPE: the same roundings;
     # RMSNorm: the same forward up to the order of the fp32 sum, one rounding fewer backward), so its
