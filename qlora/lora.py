@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kernels.dequant import runs_here
+from kernels.lora import LORA_GRAD_DTYPES, lora_dropout_grad_
 from qlora.linear4bit import Linear4bit
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -131,7 +133,8 @@ class LoRAFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)                       # (M, in)
         xd, mask = torch.native_dropout(x2, p, True) if p > 0 else (x2, None)   # (M, in), bool (M, in)
         h = xd @ a.t()                                                  # (M, r)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), h, b.t(), alpha=scaling)  # (M, out) = y + s h B^T
+        # In place: y is this call's own fresh tensor, and out-of-place addmm would first copy it.
+        out = y.reshape(-1, y.shape[-1]).addmm_(h, b.t(), alpha=scaling)  # (M, out) = y + s h B^T
         ctx.save_for_backward(xd, mask, h, a, b)
         ctx.base, ctx.scaling, ctx.p = base, scaling, p
         return out.view(y.shape)
@@ -149,6 +152,8 @@ class LoRAFunction(torch.autograd.Function):
             grad_x = _base_grad_input(ctx.base, g)                      # (M, in) = g W
             if mask is None:
                 grad_x.addmm_(gh, a)                                    # + (s g B) A, in the epilogue
+            elif runs_here(grad_x) and grad_x.dtype in LORA_GRAD_DTYPES and grad_x.is_contiguous():
+                lora_dropout_grad_(grad_x, gh, a, mask, 1 / (1 - ctx.p))   # one Triton kernel, same math
             else:
                 grad_x.addcmul_(gh @ a, mask, value=1 / (1 - ctx.p))    # dropout's backward: mask / (1 - p)
             grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1])

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 import kernels.gemv
 import kernels.matmul
-from kernels import MAX_ROWS, NF4Matmul, dequantize_nf4_triton, gemv_nf4, matmul_nf4, matmul_nf4_grad
+from kernels import (MAX_ROWS, NF4Matmul, dequantize_nf4_triton, gemv_nf4, lora_dropout_grad_, matmul_nf4,
+                     matmul_nf4_grad)
 from qlora.linear4bit import Linear4bit, use_kernels
 from qlora.nf4 import dequantize_nf4, quantize_nf4
 
@@ -286,6 +287,39 @@ def test_lora_on_linear4bit_matches_peft_on_bitsandbytes(x_shape):
         # Both sides sit about 0.004 from float64 (bf16 roundings; ours / PEFT's 0.96-1.06 when
         # written); a lost mask, scale or term is off by O(1).
         assert e_ours <= 1.5 * e_ref, f"{what}: relative error {e_ours:.3g} vs PEFT + bnb {e_ref:.3g}"
+
+
+@interpreted
+@pytest.mark.parametrize("M, N, R", [(37, 200, 8), (64, 128, 32), (5, 77, 70)], ids=str)
+@pytest.mark.parametrize("dtype", [*HALF_DTYPES, torch.float32], ids=str)
+def test_lora_dropout_grad_within_rounding_of_float64(M, N, R, dtype):
+    # grad_x += s * mask * (grad_h @ A): against float64 on the same (rounded) inputs, and against the
+    # reference grad_x.addcmul_(grad_h @ A, mask, value=s) that LoRAFunction runs without Triton.
+    grad_x, grad_h, a = randn(M, N, dtype=dtype, seed=20), randn(M, R, dtype=dtype, seed=21), randn(R, N, dtype=dtype, seed=22)
+    mask = torch.rand(M, N, generator=torch.Generator().manual_seed(23)) > 0.3
+    s = 1 / 0.7
+    ours = lora_dropout_grad_(grad_x.clone(), grad_h, a, mask, s)
+    ref = grad_x.clone().addcmul_(grad_h @ a, mask, value=s)
+    t = grad_h.double() @ a.double()
+    exact = grad_x.double() + s * mask * t
+    # The r-term sum in fp32, rounded to dtype (as the reference's product); then gx + s t in fp32, rounded.
+    sum_err = (R + 2) * 2.0**-24 * (grad_h.double().abs() @ a.double().abs())
+    t_err = s * mask * (sum_err + half_ulp(t.abs() + sum_err, dtype))
+    bound = t_err + 2.0**-24 * (exact.abs() + t_err) + half_ulp(exact.abs() + t_err, dtype)
+    assert ours.dtype == dtype
+    assert_within(ours, exact, bound, "lora_dropout_grad_")
+    assert_within(ref, exact, bound, "the reference")                # the bound holds for the reference too
+    assert_within(ours, ref.double(), 2 * bound, "lora_dropout_grad_ vs reference")
+
+
+def test_lora_dropout_grad_rejects_bad_input_with_clear_message():
+    gx, gh, a, mask = torch.zeros(4, 8), torch.zeros(4, 2), torch.zeros(2, 8), torch.ones(4, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match="bool mask"):
+        lora_dropout_grad_(gx, gh, a, mask.float(), 1.0)
+    with pytest.raises(ValueError, match="one dtype"):
+        lora_dropout_grad_(gx, gh.half(), a, mask, 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        lora_dropout_grad_(torch.zeros(8, 4).t(), gh, a, mask, 1.0)
 
 
 @interpreted
