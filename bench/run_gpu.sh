@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in the order the device sessions ran them; each stage's JSON goes to $OUT.
-#   bash bench/run_gpu.sh kernels load        # then: decode train, then: train_step
+#   bash bench/run_gpu.sh kernels load        # then: decode train, then: train_step; fused: bench/fused_kernels.py
 # bitsandbytes comes from the unpacked wheel in .bnb (README, Notes); the 7B-shaped random
 # checkpoint is written once to /tmp/llama2-7b-random by the first stage that needs it.
 set -uo pipefail
@@ -12,6 +12,7 @@ for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
     kernels)    timeout 240 python -m bench.kernels --json "$OUT/kernels.json" 2>&1 | tail -30 ;;
+    fused)      timeout 120 python -m bench.fused_kernels 2>&1 | tee "$OUT/fused_kernels.txt" | tail -20 ;;
     load)       timeout 330 python -m bench.load --json "$OUT/load.json" 2>&1 | tail -25 ;;
     decode)     timeout 240 python -m bench.decode --repeats 2 --json "$OUT/decode.json" 2>&1 | tail -25 ;;
     train_step) timeout 420 python -m bench.train_step --json "$OUT/train_step.json" 2>&1 | tail -60 ;;
