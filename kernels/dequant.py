@@ -51,6 +51,12 @@ def round_to(values, dtype: tl.constexpr):
 
 
 @triton.jit
+def rounded(v, dtype: tl.constexpr):
+    """fp32 v rounded to dtype and back to fp32: the rounding one separate torch op makes."""
+    return round_to(v, dtype).to(tl.float32)
+
+
+@triton.jit
 def _dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n, n_bytes,
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                        BLOCK: tl.constexpr):

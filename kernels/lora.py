@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dequant import INTERPRET, round_to
+from kernels.dequant import INTERPRET, round_to, rounded
 
 LORA_GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -42,7 +42,7 @@ def _lora_dropout_grad_kernel(gx_ptr, gh_ptr, a_ptr, mask_ptr, M, N, R, stride_g
         else:
             t += tl.dot(gh, a)                                                    # (BLOCK_M, BLOCK_N) fp32
     dtype: tl.constexpr = gx_ptr.dtype.element_ty
-    t = round_to(t, dtype).to(tl.float32)                # the reference's product is a tensor of dtype
+    t = rounded(t, dtype)                                # the reference's product is a tensor of dtype
     inside = (rm[:, None] < M) & (rn[None, :] < N)
     keep = tl.load(mask_ptr + rm[:, None] * stride_mask + rn[None, :], mask=inside, other=0).to(tl.float32)
     gx_ptrs = gx_ptr + rm[:, None] * stride_gx + rn[None, :]

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dequant import round_to
+from kernels.dequant import round_to, rounded
 
 NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HIDDEN = 65536          # one row lives in registers: BLOCK = next_power_of_2(hidden)
@@ -33,7 +33,7 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, stride_x, stride_y, N, e
     rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / N + eps)                       # () fp32; padding adds 0
     tl.store(rstd_ptr + row, rstd)
     # .to(x.dtype) before the weight, as the reference; then the product rounds to y's dtype.
-    normed = round_to(x * rstd, x_ptr.dtype.element_ty).to(tl.float32)         # (BLOCK,)
+    normed = rounded(x * rstd, x_ptr.dtype.element_ty)                          # (BLOCK,)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)             # (BLOCK,)
     tl.store(y_ptr + row * stride_y + cols, round_to(w * normed, y_ptr.dtype.element_ty), mask=mask)
 
@@ -60,7 +60,7 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, stride_
         dx = rstd * (g - n * (tl.sum(g * n, axis=0) / N))                       # (BLOCK,)
         tl.store(dx_ptr + row * stride_dx + cols, round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
-            dw += dy * round_to(n, x_ptr.dtype.element_ty).to(tl.float32)
+            dw += dy * rounded(n, x_ptr.dtype.element_ty)
     if COMPUTE_DW:
         tl.store(dw_ptr + pid.to(tl.int64) * N + cols, dw, mask=cols < N)
 

@@ -16,15 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dequant import round_to
+from kernels.dequant import rounded
 
 ROPE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def _r(v, dtype: tl.constexpr):
-    """fp32 v rounded to dtype and back: the rounding one separate torch op makes."""
-    return round_to(v, dtype).to(tl.float32)
 
 
 @triton.jit
@@ -39,11 +33,11 @@ def _rotate_heads(x_ptr, out_ptr, b, t, H, sx_b, sx_h, sx_t, so_b, so_h, so_t, c
     x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)                 # (BLOCK_H, BLOCK_D)
     dtype: tl.constexpr = out_ptr.dtype.element_ty
     if BACKWARD:
-        out1 = _r(_r(x1 * c1, dtype) + _r(x2 * s2, dtype), dtype)
-        out2 = _r(_r(x2 * c2, dtype) - _r(x1 * s1, dtype), dtype)
+        out1 = rounded(rounded(x1 * c1, dtype) + rounded(x2 * s2, dtype), dtype)
+        out2 = rounded(rounded(x2 * c2, dtype) - rounded(x1 * s1, dtype), dtype)
     else:
-        out1 = _r(_r(x1 * c1, dtype) - _r(x2 * s1, dtype), dtype)
-        out2 = _r(_r(x2 * c2, dtype) + _r(x1 * s2, dtype), dtype)
+        out1 = rounded(rounded(x1 * c1, dtype) - rounded(x2 * s1, dtype), dtype)
+        out2 = rounded(rounded(x2 * c2, dtype) + rounded(x1 * s2, dtype), dtype)
     out = out_ptr + b * so_b + t * so_t + h * so_h + d
     tl.store(out, out1.to(dtype), mask=mask)                                    # already exact in dtype
     tl.store(out + HALF, out2.to(dtype), mask=mask)

@@ -16,16 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dequant import round_to
+from kernels.dequant import round_to, rounded
 
 SWIGLU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK = 1024
-
-
-@triton.jit
-def _r(v, dtype: tl.constexpr):
-    """fp32 v rounded to dtype and back: the rounding one separate torch op makes."""
-    return round_to(v, dtype).to(tl.float32)
 
 
 @triton.jit
@@ -35,7 +29,7 @@ def _swiglu_fwd_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dtype: tl.constexpr = y_ptr.dtype.element_ty
-    s = _r(g / (1.0 + tl.exp(-g)), dtype)                                     # silu(g), as F.silu rounds it
+    s = rounded(g / (1.0 + tl.exp(-g)), dtype)                                     # silu(g), as F.silu rounds it
     tl.store(y_ptr + offs, round_to(s * u, dtype), mask=mask)
 
 
@@ -48,8 +42,8 @@ def _swiglu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.conste
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dtype: tl.constexpr = dg_ptr.dtype.element_ty
     sig = 1.0 / (1.0 + tl.exp(-g))
-    s = _r(g * sig, dtype)                                                    # silu(g) as the forward rounded it
-    grad_s = _r(dy * u, dtype)
+    s = rounded(g * sig, dtype)                                                    # silu(g) as the forward rounded it
+    grad_s = rounded(dy * u, dtype)
     tl.store(du_ptr + offs, round_to(dy * s, dtype), mask=mask)
     tl.store(dg_ptr + offs, round_to(grad_s * sig * (1.0 + g * (1.0 - sig)), dtype), mask=mask)
 

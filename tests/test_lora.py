@@ -3,7 +3,6 @@ LlamaForCausalLM and bitsandbytes (CPU). Tiny shapes, fp32, so results agree to 
 
 import copy
 import json
-import math
 
 import pytest
 import torch
@@ -70,10 +69,21 @@ class OneProj(nn.Module):
         return self.proj(x)
 
 
-def peft_layer(base: nn.Linear, r, alpha, use_rslora=False):
-    model = get_peft_model(OneProj(copy.deepcopy(base)),
-                           LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], use_rslora=use_rslora))
+def peft_layer(base: nn.Linear, r, alpha, use_rslora=False, dropout=0.0):
+    model = get_peft_model(OneProj(copy.deepcopy(base)), LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"],
+                                                                     use_rslora=use_rslora, lora_dropout=dropout))
     return model, model.base_model.model.proj
+
+
+def paired_layers(base: nn.Linear, r, alpha, use_rslora=False, dropout=0.0):
+    """PEFT's layer (model, layer) and ours on copies of base, with the same A and a random B."""
+    model, ref = peft_layer(base, r, alpha, use_rslora, dropout)
+    ours = LoRALinear(copy.deepcopy(base), r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+    with torch.no_grad():
+        ref.lora_B["default"].weight.normal_()
+        ours.lora_a.copy_(ref.lora_A["default"].weight)
+        ours.lora_b.copy_(ref.lora_B["default"].weight)
+    return model, ref, ours
 
 
 # ----------------------------------------------------------------------------- the layer vs PEFT
@@ -82,12 +92,7 @@ def peft_layer(base: nn.Linear, r, alpha, use_rslora=False):
 def test_forward_and_grads_match_peft_lora_layer(use_rslora):
     torch.manual_seed(0)
     base = nn.Linear(24, 40, bias=True)
-    model, ref = peft_layer(base, r=4, alpha=8, use_rslora=use_rslora)
-    ours = LoRALinear(copy.deepcopy(base), r=4, alpha=8, use_rslora=use_rslora)
-    with torch.no_grad():
-        ref.lora_B["default"].weight.normal_()
-        ours.lora_a.copy_(ref.lora_A["default"].weight)
-        ours.lora_b.copy_(ref.lora_B["default"].weight)
+    model, ref, ours = paired_layers(base, r=4, alpha=8, use_rslora=use_rslora)
     assert ours.scaling == ref.scaling["default"] == (8 / 2 if use_rslora else 8 / 4)
 
     x = torch.randn(3, 5, 24)
@@ -103,24 +108,13 @@ def test_forward_and_grads_match_peft_lora_layer(use_rslora):
     assert ours.base.weight.grad is None and ours.base.bias.grad is None
 
 
-def peft_dropout_layer(base: nn.Linear, r, alpha, dropout):
-    model = get_peft_model(OneProj(copy.deepcopy(base)),
-                           LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"]))
-    return model, model.base_model.model.proj
-
-
 @pytest.mark.parametrize("x_needs_grad", [True, False])
 def test_dropout_forward_and_grads_match_peft_under_the_same_seed(x_needs_grad):
     # LoRAFunction writes dropout's backward itself (mask / (1 - p) on the adapter's input gradient);
     # PEFT runs nn.Dropout under autograd. The same seed draws the same mask on both sides.
     torch.manual_seed(0)
     base = nn.Linear(24, 40, bias=True)
-    model, ref = peft_dropout_layer(base, r=4, alpha=8, dropout=0.4)
-    ours = LoRALinear(copy.deepcopy(base), r=4, alpha=8, dropout=0.4)
-    with torch.no_grad():
-        ref.lora_B["default"].weight.normal_()
-        ours.lora_a.copy_(ref.lora_A["default"].weight)
-        ours.lora_b.copy_(ref.lora_B["default"].weight)
+    model, ref, ours = paired_layers(base, r=4, alpha=8, dropout=0.4)
     model.train(), ours.train()
     x = torch.randn(3, 5, 24)
     x_ours, x_ref = x.clone().requires_grad_(x_needs_grad), x.clone().requires_grad_(x_needs_grad)
