@@ -88,6 +88,24 @@ def paired_layers(base: nn.Linear, r, alpha, use_rslora=False, dropout=0.0):
 
 # ----------------------------------------------------------------------------- the layer vs PEFT
 
+def forward_backward_both(model, ref, ours, x, x_needs_grad=True):
+    """x through our layer and PEFT's model (one seed before each: the same dropout mask), then the
+    same random output gradient back; asserts outputs and A / B gradients agree. Returns both inputs
+    (for their gradients) and the output gradient."""
+    x_ours, x_ref = x.clone().requires_grad_(x_needs_grad), x.clone().requires_grad_(x_needs_grad)
+    torch.manual_seed(7)
+    y_ours = ours(x_ours)
+    torch.manual_seed(7)
+    y_ref = model(x_ref)
+    torch.testing.assert_close(y_ours, y_ref, rtol=1e-6, atol=1e-6)
+    grad_out = torch.randn_like(y_ref)
+    y_ours.backward(grad_out)
+    y_ref.backward(grad_out)
+    torch.testing.assert_close(ours.lora_a.grad, ref.lora_A["default"].weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.lora_b.grad, ref.lora_B["default"].weight.grad, rtol=1e-5, atol=1e-6)
+    return x_ours, x_ref, grad_out
+
+
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_forward_and_grads_match_peft_lora_layer(use_rslora):
     torch.manual_seed(0)
@@ -95,15 +113,7 @@ def test_forward_and_grads_match_peft_lora_layer(use_rslora):
     model, ref, ours = paired_layers(base, r=4, alpha=8, use_rslora=use_rslora)
     assert ours.scaling == ref.scaling["default"] == (8 / 2 if use_rslora else 8 / 4)
 
-    x = torch.randn(3, 5, 24)
-    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_ours, y_ref = ours(x_ours), model(x_ref)
-    torch.testing.assert_close(y_ours, y_ref, rtol=1e-6, atol=1e-6)
-    grad_out = torch.randn_like(y_ref)
-    y_ours.backward(grad_out)
-    y_ref.backward(grad_out)
-    torch.testing.assert_close(ours.lora_a.grad, ref.lora_A["default"].weight.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours.lora_b.grad, ref.lora_B["default"].weight.grad, rtol=1e-5, atol=1e-6)
+    x_ours, x_ref, _ = forward_backward_both(model, ref, ours, torch.randn(3, 5, 24))
     torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
     assert ours.base.weight.grad is None and ours.base.bias.grad is None
 
@@ -117,17 +127,7 @@ def test_dropout_forward_and_grads_match_peft_under_the_same_seed(x_needs_grad):
     model, ref, ours = paired_layers(base, r=4, alpha=8, dropout=0.4)
     model.train(), ours.train()
     x = torch.randn(3, 5, 24)
-    x_ours, x_ref = x.clone().requires_grad_(x_needs_grad), x.clone().requires_grad_(x_needs_grad)
-    torch.manual_seed(7)
-    y_ours = ours(x_ours)
-    torch.manual_seed(7)
-    y_ref = model(x_ref)
-    torch.testing.assert_close(y_ours, y_ref, rtol=1e-6, atol=1e-6)
-    grad_out = torch.randn_like(y_ref)
-    y_ours.backward(grad_out)
-    y_ref.backward(grad_out)
-    torch.testing.assert_close(ours.lora_a.grad, ref.lora_A["default"].weight.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours.lora_b.grad, ref.lora_B["default"].weight.grad, rtol=1e-5, atol=1e-6)
+    x_ours, x_ref, grad_out = forward_backward_both(model, ref, ours, x, x_needs_grad)
     if x_needs_grad:
         torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
         # The mask matters: without dropout the input gradient differs.
