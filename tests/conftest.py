@@ -5,10 +5,15 @@ Other test files can import the plain functions: `from conftest import write_tin
 
 from pathlib import Path
 
+import warnings
+
 import pytest
 import torch
 
-LLAMA2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "llama2-tokenizer.model"
+# ../shared/data beside the repository (absent in a user's clone: tests that need it skip).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+LLAMA2_TOKENIZER = SHARED_DATA / "llama2-tokenizer.model"
+STORIES260K = SHARED_DATA / "stories260K"
 
 # hidden 64, 2 layers, vocab 128; the variants add what Llama 2 / 3.x checkpoints differ in.
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -63,3 +68,39 @@ def train_tiny_sentencepiece(path, vocab_size: int = 320) -> Path:
                                    pad_id=-1, character_coverage=1.0, normalization_rule_name="identity",
                                    remove_extra_whitespaces=False, split_digits=True, minloglevel=2)
     return path.with_suffix(".model")
+
+
+def bitsandbytes_on_its_generic_cpu_path():
+    """Make bitsandbytes, where the tests use it as a reference, compute the same on every CPU.
+
+    bitsandbytes 0.50.2 picks its CPU code by the CPU's features, in two places the tests reach:
+    - With AVX512-BF16, an eval-mode, no-grad `bnb.nn.Linear4bit.forward` repacks its weight for a
+      fused CPU GEMM (nn/modules.py: `self.support_avx512bf16_for_cpu = has_avx512bf16()`); the repack
+      breaks on out_features not divisible by 32 and rounds differently otherwise.
+    - With AVX-512F, the C dequantizer behind `dequantize_4bit` (csrc/cpu_ops.cpp,
+      `dequantizeBlockwise4bitCpu`) takes a vector path that assumes every row holds whole blocks: it
+      returns wrong values when a row's length is a multiple of 32 but not of the blocksize (seen for
+      32x32 and 64x96 weights at blocksize 64).
+    Both are switched to what bitsandbytes runs on a CPU without those features: no repack (the flag
+    read in Linear4bit.__init__), and its generic PyTorch dequantizer (backends/default/ops.py, called
+    without its torch.compile wrapper so each new shape does not recompile). Same math, any CPU.
+    """
+    try:
+        import bitsandbytes.nn.modules as bnb_modules
+        from bitsandbytes.backends.default import ops as bnb_default
+        from bitsandbytes.backends.utils import _get_4bit_code
+    except ImportError:
+        return
+    bnb_modules.has_avx512bf16 = lambda: False
+    compute = bnb_default._dequantize_4bit_compute.__wrapped__
+
+    def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
+        code = _get_4bit_code(quant_type, A.device)
+        return compute(A.view(torch.uint8).reshape(-1), absmax, code, blocksize, shape, dtype)
+
+    with warnings.catch_warnings():  # "Overriding a previously registered kernel": that is the point
+        warnings.simplefilter("ignore")
+        torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", dequantize_4bit)
+
+
+bitsandbytes_on_its_generic_cpu_path()

@@ -8,7 +8,6 @@ sqlite3 for the generated SQL.
 import json
 import re
 import sqlite3
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +16,8 @@ from qlora.data import (IGNORE_INDEX, Batches, Example, batches_in_order, collat
                         pack, pad_id_of, prepare_data, split_train_val, tokenize_example, tokenize_rows,
                         write_jsonl)
 from qlora.sql_dataset import sql_rows
+from conftest import LLAMA2_TOKENIZER
 
-LLAMA_TOKENIZER = Path("/work/shared/data/llama2-tokenizer.model")
 ROW = {"context": "CREATE TABLE head (age INTEGER)", "question": "How many heads are older than 56?",
        "answer": "SELECT COUNT(*) FROM head WHERE age > 56"}
 
@@ -72,11 +71,11 @@ def test_train_on_inputs_keeps_every_label():
     assert example.labels == example.input_ids
 
 
-@pytest.mark.skipif(not LLAMA_TOKENIZER.is_file(), reason="Llama-2 tokenizer not available")
+@pytest.mark.skipif(not LLAMA2_TOKENIZER.is_file(), reason="Llama-2 tokenizer not available")
 def test_llama_tokenizer_mask_splits_prompt_from_answer():
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=str(LLAMA_TOKENIZER))
+    sp = spm.SentencePieceProcessor(model_file=str(LLAMA2_TOKENIZER))
 
     class Llama:
         eos_id, pad_id = sp.eos_id(), sp.pad_id()
