@@ -6,6 +6,10 @@ mapped safetensors file, cast to `dtype` and moved to `device`. With load_in_4bi
 projections are quantized on the device a few rows at a time (NF4 + double quantization, QLoRA
 paper section 3) and never exist whole in 16 bits there; embeddings, norms and lm_head stay in
 `dtype`, as in the paper's setup and in transformers + bitsandbytes.
+
+A checkpoint saved in 4-bit by transformers + bitsandbytes (config.json's quantization_config, e.g. the
+`*-bnb-4bit` repos) loads as stored, without dequantizing: its bytes become our Linear4bit's
+(qlora/bnb_format.py); its blocksize and double quantization win over the arguments.
 """
 
 import json
@@ -19,6 +23,7 @@ from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
 from llama.model import Llama, LlamaConfig, rope_inv_freq
+from qlora import bnb_format
 from qlora.linear4bit import Linear4bit
 from qlora.lora import LINEAR_NAMES
 from qlora.nf4 import BLOCKSIZES, FLOAT_DTYPES, QuantState, dynamic_code, nf4_code, quantize_blockwise_8bit, quantize_nf4
@@ -32,16 +37,26 @@ def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat1
     """A local checkpoint directory or a Hub repo id -> Llama on `device`, every parameter frozen.
 
     load_in_4bit: the q/k/v/o/gate/up/down projections become Linear4bit (NF4, `blocksize`, double
-    quantization) with compute dtype `dtype`; everything else is stored in `dtype`.
+    quantization) with compute dtype `dtype`; everything else is stored in `dtype`. A checkpoint
+    stored in 4-bit keeps its own bytes (and is dequantized to `dtype` if load_in_4bit is False).
     """
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported: use torch.bfloat16, torch.float16 or torch.float32")
     if load_in_4bit and blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize {blocksize} is not supported: use one of {BLOCKSIZES}")
     directory = checkpoint_dir(path_or_repo_id)
-    config = LlamaConfig.from_hf(_read_json(directory / "config.json"))
+    hf_config = _read_json(directory / "config.json")
+    prequantized = bnb_format.is_prequantized(hf_config)
+    if "quantization_config" in hf_config and not prequantized:
+        method = hf_config["quantization_config"].get("quant_method")
+        raise ValueError(f"{directory} is quantized with {method!r}: only dense checkpoints and bitsandbytes "
+                         f"4-bit ones load here; use the model's dense checkpoint")
+    config = LlamaConfig.from_hf({k: v for k, v in hf_config.items() if k != "quantization_config"})
     files = safetensors_files(directory)
     device = torch.device(device)
+    handles = {file: safe_open(file, framework="pt", device="cpu") for file in files} if prequantized else {}
+    stored = {name: file for file, f in handles.items() for name in f.keys()}   # a weight's state may sit
+                                                                                 # in another shard
 
     with torch.device("meta"):
         model = Llama(config)                              # shapes only, no memory
@@ -54,16 +69,30 @@ def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat1
                     continue
                 if name == "lm_head.weight" and config.tie_word_embeddings:
                     continue                               # tied: the head is the embedding
+                if prequantized and bnb_format.is_quant_key(name):
+                    continue                               # read with its weight below
                 if name not in expected:
                     raise ValueError(f"unexpected tensor {name!r} in {file.name}: the checkpoint does not "
                                      f"match a Llama with this config.json")
-                shape = tuple(f.get_slice(name).get_shape())
+                module_name, _, attr = name.rpartition(".")
+                parent_name, _, child = module_name.rpartition(".")
+                layer = None
+                if prequantized and f.get_slice(name).get_dtype() == "U8":
+                    names = bnb_format.tensor_names(name, stored.keys())
+                    tensors = {k: handles[stored[n]].get_tensor(n) for k, n in names.items()}
+                    layer = bnb_format.linear4bit_from_bnb(f.get_tensor(name), tensors, device, dtype)
+                    shape = tuple(layer.state.shape)
+                else:
+                    shape = tuple(f.get_slice(name).get_shape())
                 if shape != expected[name]:
                     raise ValueError(f"tensor {name!r} in {file.name} has shape {shape} but config.json implies "
                                      f"{expected[name]}: the weights and config.json do not belong together")
-                module_name, _, attr = name.rpartition(".")
-                parent_name, _, child = module_name.rpartition(".")
-                if load_in_4bit and child in LINEAR_NAMES:
+                if layer is not None and load_in_4bit:     # stored in 4-bit: kept as stored
+                    setattr(model.get_submodule(parent_name), child, layer)
+                elif layer is not None:                    # stored in 4-bit, asked for dense weights
+                    weight = nn.Parameter(layer.dequantize(dtype), requires_grad=False)
+                    setattr(model.get_submodule(module_name), attr, weight)
+                elif load_in_4bit and child in LINEAR_NAMES:
                     try:
                         layer = quantize_weight(f.get_tensor(name), device, dtype, blocksize, double_quant)
                     except ValueError as e:
