@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels.dequant import runs_here
+from kernels.common import runs_here
 from kernels.rmsnorm import NORM_DTYPES, rms_norm
 from kernels.rope import ROPE_DTYPES, apply_rope_qk
 from kernels.swiglu import SWIGLU_DTYPES, swiglu

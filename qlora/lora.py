@@ -23,7 +23,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kernels.dequant import runs_here
+from kernels.common import runs_here
 from kernels.lora import LORA_GRAD_DTYPES, lora_dropout_grad_
 from qlora.linear4bit import Linear4bit
 
