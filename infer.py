@@ -27,7 +27,7 @@ from llama.model import Llama
 from llama.tokenizer import Tokenizer
 from qlora.config import TrainConfig
 from qlora.data import check_rows, format_row, load_rows
-from qlora.lora import load_adapter, merged_state_dict, read_adapter_config, save_merged
+from qlora.adapter import load_adapter, merged_state_dict, read_adapter_config, save_merged
 from qlora.sql_eval import score
 
 TRAINING_CONFIG = "training_config.json"

@@ -19,7 +19,7 @@ from llama.generate import generate
 from llama.load import load_llama
 from llama.tokenizer import Tokenizer
 from qlora.data import format_row
-from qlora.lora import load_adapter, save_adapter
+from qlora.adapter import load_adapter, save_adapter
 from qlora.sql_dataset import sql_rows, write_jsonl
 
 peft = pytest.importorskip("peft")
