@@ -15,16 +15,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import KERNEL_DTYPES, NF4Matmul, matmul_nf4_grad
-from kernels.common import runs_here
+from kernels.common import use_kernel
 from qlora.nf4 import QuantState, check_weight, dequantize_nf4, double_quantize, nf4_code, quantize_nf4
 
 QUANT_CHUNK_NUMEL = 2**21  # values quantized at once by from_weight: quantize_nf4 needs ~23 bytes of scratch each
 
 
 def use_kernels(x: torch.Tensor) -> bool:
-    """Whether Linear4bit runs the Triton kernels for x: fp16 / bf16 on CUDA, or on the CPU when
-    Triton interprets kernels (TRITON_INTERPRET=1, read when kernels/ is imported)."""
-    return x.dtype in KERNEL_DTYPES and runs_here(x)
+    """Whether Linear4bit runs the Triton kernels for x, by the kernel switch: fp16 / bf16 on CUDA, or on
+    the CPU when Triton interprets kernels (TRITON_INTERPRET=1, read when kernels/ is imported)."""
+    return use_kernel(x, KERNEL_DTYPES)
 
 
 class Linear4bit(nn.Module):

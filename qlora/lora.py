@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
-from kernels.common import runs_here
+from kernels.common import use_kernel
 from kernels.lora import LORA_GRAD_DTYPES, lora_dropout_grad_
 from qlora.linear4bit import Linear4bit
 
@@ -152,7 +152,7 @@ class LoRAFunction(torch.autograd.Function):
             grad_x = _base_grad_input(ctx.base, g)                      # (M, in) = g W
             if mask is None:
                 grad_x.addmm_(gh, a)                                    # + (s g B) A, in the epilogue
-            elif runs_here(grad_x) and grad_x.dtype in LORA_GRAD_DTYPES and grad_x.is_contiguous():
+            elif use_kernel(grad_x, LORA_GRAD_DTYPES) and grad_x.is_contiguous():
                 lora_dropout_grad_(grad_x, gh, a, mask, 1 / (1 - ctx.p))   # one Triton kernel, same math
             else:
                 grad_x.addcmul_(gh @ a, mask, value=1 / (1 - ctx.p))    # dropout's backward: mask / (1 - p)
