@@ -22,13 +22,12 @@ from pathlib import Path
 import torch
 
 from llama.generate import TextStream, generate
-from llama.load import checkpoint_dir, load_llama
+from llama.load import checkpoint_dir, load_llama, random_llama
 from llama.model import Llama
 from llama.tokenizer import Tokenizer
 from qlora.config import TrainConfig
 from qlora.data import check_rows, format_row, load_rows
-from qlora.demo import random_llama
-from qlora.lora import load_adapter, merged_state_dict, read_adapter_config, save_merged
+from qlora.adapter import load_adapter, merged_state_dict, read_adapter_config, save_merged
 from qlora.sql_eval import score
 
 TRAINING_CONFIG = "training_config.json"

@@ -1,4 +1,5 @@
-"""Load a Hugging Face Llama checkpoint (safetensors) into llama.model.Llama, optionally in NF4.
+"""Load a Hugging Face Llama checkpoint (safetensors) into llama.model.Llama, optionally in NF4; or
+build the demo's randomly initialised Llama from a config.json.
 
 Streaming, so that a 7B model quantizes on a GPU with little more memory than its 4-bit size:
 the model is built on the meta device (no memory), then each tensor is read from the memory-
@@ -13,8 +14,6 @@ A checkpoint saved in 4-bit by transformers + bitsandbytes (config.json's quanti
 """
 
 import json
-import math
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,12 +23,11 @@ from safetensors import safe_open
 
 from llama.model import Llama, LlamaConfig, rope_inv_freq
 from qlora import bnb_format
-from qlora.linear4bit import Linear4bit
+from qlora.linear4bit import QUANT_CHUNK_NUMEL, Linear4bit
 from qlora.lora import LINEAR_NAMES
-from qlora.nf4 import BLOCKSIZES, FLOAT_DTYPES, QuantState, dynamic_code, nf4_code, quantize_blockwise_8bit, quantize_nf4
+from qlora.nf4 import BLOCKSIZES, FLOAT_DTYPES
 
 HUB_FILES = ["*.safetensors", "*.json", "tokenizer.model"]
-QUANT_CHUNK_NUMEL = 2**21  # values quantized at once: quantize_nf4 needs ~23 bytes of scratch each
 
 
 def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat16, load_in_4bit: bool = False,
@@ -115,34 +113,43 @@ def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat1
 
 def quantize_weight(weight: torch.Tensor, device, dtype: torch.dtype, blocksize: int = 64,
                     double_quant: bool = True, chunk_numel: int = QUANT_CHUNK_NUMEL) -> Linear4bit:
-    """A [out, in] weight on any device -> Linear4bit on `device`, quantized there a few rows at a time.
+    """A [out, in] weight on any device -> Linear4bit on `device`, quantized there in `dtype` (also
+    its compute dtype) a few rows at a time: Linear4bit.from_weight as the loader calls it."""
+    return Linear4bit.from_weight(weight, None, blocksize, double_quant, compute_dtype=dtype, device=device,
+                                  weight_dtype=dtype, chunk_numel=chunk_numel)
 
-    The bytes equal Linear4bit.from_weight(weight.to(device, dtype)): chunks hold whole blocks, so
-    every block's absmax is the same; the double quantization then runs once on all the absmax.
+
+def random_llama(config_path: str | Path, device, dtype: torch.dtype, load_in_4bit: bool,
+                 seed: int = 0) -> Llama:
+    """A Llama with N(0, 0.02) weights (as HF initialises them) built from a config.json, frozen,
+    projections in NF4 if asked: the demo's base model, which knows nothing before training.
+
+    Only lm_head differs: N(0, 1/hidden_size), rows of norm ~1. With 0.02 a small model's logits
+    could never leave about +-1 (the final RMSNorm fixes the hidden norm), so a frozen random head
+    would cap how far the loss can fall whatever the adapters learn.
     """
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
-    n = weight.numel()
-    rows_per_block = blocksize // math.gcd(in_features, blocksize)  # rows that end on a block boundary
-    rows = max(rows_per_block, chunk_numel // in_features // rows_per_block * rows_per_block)
-
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
-    absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=device)
-    for r in range(0, out_features, rows):
-        chunk = weight[r:r + rows].to(device=device, dtype=dtype)
-        chunk_packed, chunk_state = quantize_nf4(chunk, blocksize, double_quant=False)
-        start = r * in_features                             # a multiple of blocksize, so even
-        packed[start // 2:start // 2 + chunk_packed.numel()] = chunk_packed
-        absmax[start // blocksize:start // blocksize + chunk_state.absmax.numel()] = chunk_state.absmax
-        del chunk, chunk_packed, chunk_state
-
-    state = QuantState(absmax=absmax, shape=weight.shape, dtype=dtype, blocksize=blocksize, code=nf4_code(device))
-    if double_quant:                                        # paper section 3, "Double Quantization"
-        offset = absmax.mean()
-        codes, absmax2 = quantize_blockwise_8bit(absmax - offset)
-        state = replace(state, absmax=codes, absmax2=absmax2, code2=dynamic_code(device), offset=offset)
-    return Linear4bit(packed, state, compute_dtype=dtype)
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model config {path} not found: pass a checkpoint directory, a hub id "
+                                "or a config.json")
+    config = LlamaConfig.from_hf(json.loads(path.read_text()))
+    generator = torch.Generator().manual_seed(seed)
+    model = Llama(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            else:
+                std = config.hidden_size ** -0.5 if name == "lm_head.weight" else 0.02
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+    model = model.to(device=device, dtype=dtype).requires_grad_(False)
+    if load_in_4bit:
+        for layer in model.model.layers:
+            for holder in (layer.self_attn, layer.mlp):
+                for name in LINEAR_NAMES:
+                    if isinstance(getattr(holder, name, None), nn.Linear):
+                        setattr(holder, name, quantize_weight(getattr(holder, name).weight, device, dtype))
+    return model
 
 
 def resident_bytes(model: nn.Module) -> int:

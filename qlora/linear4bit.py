@@ -8,19 +8,23 @@ elsewhere (fp32 inputs, or a CPU without the interpreter) the pure-PyTorch refer
 dequantize_nf4 + F.linear.
 """
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import KERNEL_DTYPES, NF4Matmul, matmul_nf4_grad
-from kernels.dequant import runs_here
-from qlora.nf4 import QuantState, dequantize_nf4, quantize_nf4
+from kernels.common import use_kernel
+from qlora.nf4 import QuantState, check_weight, dequantize_nf4, double_quantize, nf4_code, quantize_nf4
+
+QUANT_CHUNK_NUMEL = 2**21  # values quantized at once by from_weight: quantize_nf4 needs ~23 bytes of scratch each
 
 
 def use_kernels(x: torch.Tensor) -> bool:
-    """Whether Linear4bit runs the Triton kernels for x: fp16 / bf16 on CUDA, or on the CPU when
-    Triton interprets kernels (TRITON_INTERPRET=1, read when kernels/ is imported)."""
-    return x.dtype in KERNEL_DTYPES and runs_here(x)
+    """Whether Linear4bit runs the Triton kernels for x, by the kernel switch: fp16 / bf16 on CUDA, or on
+    the CPU when Triton interprets kernels (TRITON_INTERPRET=1, read when kernels/ is imported)."""
+    return use_kernel(x, KERNEL_DTYPES)
 
 
 class Linear4bit(nn.Module):
@@ -45,12 +49,40 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, blocksize: int = 64,
-                    double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16) -> "Linear4bit":
-        """Quantize a [out, in] weight (on whatever device it lives) into a Linear4bit."""
+                    double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16, device=None,
+                    weight_dtype: torch.dtype | None = None, chunk_numel: int = QUANT_CHUNK_NUMEL) -> "Linear4bit":
+        """Quantize a [out, in] weight (on any device) to NF4 into a Linear4bit on `device` (default: the
+        weight's), casting it to `weight_dtype` first (default: its own dtype).
+
+        The weight moves to the device and is quantized a few rows (chunk_numel values) at a time, so
+        a 7B model's projections never exist whole in 16 bits there. The bytes equal one quantize_nf4
+        call on the whole weight: chunks hold whole blocks, so every block's absmax is the same, and
+        the double quantization runs once on all of them.
+        """
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-        packed, state = quantize_nf4(weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        return cls(packed, state, bias, compute_dtype)
+        check_weight(weight, blocksize, finite=False)           # each chunk is checked for NaN/Inf
+        device = weight.device if device is None else torch.device(device)
+        weight_dtype = weight_dtype or weight.dtype
+        weight = weight.detach()
+        out_features, in_features = weight.shape
+        n = weight.numel()
+        rows_per_block = blocksize // math.gcd(in_features, blocksize)  # rows that end on a block boundary
+        rows = max(rows_per_block, chunk_numel // in_features // rows_per_block * rows_per_block)
+
+        packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
+        absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=device)
+        for r in range(0, out_features, rows):
+            chunk = weight[r:r + rows].to(device=device, dtype=weight_dtype)
+            chunk_packed, chunk_state = quantize_nf4(chunk, blocksize, double_quant=False)
+            start = r * in_features                             # a multiple of blocksize, so even
+            packed[start // 2:start // 2 + chunk_packed.numel()] = chunk_packed
+            absmax[start // blocksize:start // blocksize + chunk_state.absmax.numel()] = chunk_state.absmax
+            del chunk, chunk_packed, chunk_state
+
+        state = QuantState(absmax=absmax, shape=weight.shape, dtype=weight_dtype, blocksize=blocksize,
+                           code=nf4_code(device))
+        return cls(packed, double_quantize(state) if double_quant else state, bias, compute_dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,

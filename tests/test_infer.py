@@ -18,9 +18,9 @@ from conftest import train_tiny_sentencepiece, write_tiny_llama
 from llama.generate import generate
 from llama.load import load_llama
 from llama.tokenizer import Tokenizer
-from qlora.data import format_row, write_jsonl
-from qlora.lora import load_adapter, save_adapter
-from qlora.sql_dataset import sql_rows
+from qlora.data import format_row
+from qlora.adapter import load_adapter, save_adapter
+from qlora.sql_dataset import sql_rows, write_jsonl
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
