@@ -4,6 +4,7 @@
                     --question "How many heads are older than 56?"          # streamed answer
     python infer.py --adapter out/demo/adapter --eval rows.jsonl            # exact match + runs on schema
     python infer.py --adapter out/demo/adapter --export merged/             # merged bf16 HF checkpoint
+    python infer.py --adapter out/demo/adapter --export merged4/ --4bit     # merged, NF4 (bitsandbytes format)
     python infer.py --base meta-llama/Llama-2-7b-hf --prompt "Hello"             # no adapter
 
 The base defaults to the adapter's base_model_name_or_path. train.py leaves training_config.json
@@ -45,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge", action="store_true",
                    help="fold the adapter into dense weights before generating (W + s*BA, no LoRA step)")
     p.add_argument("--export", help="write the merged model as a Hugging Face safetensors checkpoint here")
+    p.add_argument("--4bit", dest="export_4bit", action="store_true",
+                   help="with --export: store the merged linear weights in NF4, in bitsandbytes' format "
+                        "(transformers + bitsandbytes load it; so does this project)")
     p.add_argument("--prompt", help="raw prompt text (no template); streamed")
     p.add_argument("--prompts", help="a file of raw prompts, one per line, generated in batches")
     p.add_argument("--context", default="", help="context_qa: the CREATE TABLE context")
@@ -79,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError("nothing to do: pass --prompt, --prompts FILE, --context/--question, --instruction, "
                          "--interactive, --eval FILE or --export DIR")
     export = Path(args.export) if args.export else None
+    if args.export_4bit and not export:
+        raise ValueError("--4bit applies to --export: pass --export DIR too")
     if export and export.exists() and (not export.is_dir() or any(export.iterdir())):
         raise ValueError(f"--export {export} exists and is not an empty directory: choose a new one or remove it")
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.eval_limit < 0:
@@ -209,7 +215,8 @@ def run(argv=None) -> int:
         if not args.adapter:
             raise ValueError("--export writes base + adapter merged: pass --adapter too")
         config = json.loads((Path(base) if base.endswith(".json") else checkpoint_dir(base) / "config.json").read_text())
-        out = save_merged(model, config, args.export)     # into a temp dir, then renamed: never half-written
+        out = save_merged(model, config, args.export,     # into a temp dir, then renamed: never half-written
+                          load_in_4bit=args.export_4bit)
         tmp = out / (TOKENIZER + ".tmp")                   # the tokenizer too, so the dir is a whole checkpoint
         tmp.write_bytes(tokenizer.sp.serialized_model_proto())
         os.replace(tmp, out / TOKENIZER)

@@ -17,6 +17,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qlora import bnb_format
 from qlora.linear4bit import Linear4bit
 from qlora.lora import LoRALinear, apply_lora, base_weight, find_lora_targets, lora_layers
 
@@ -28,16 +29,21 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # ----------------------------------------------------------------------------- merged export
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16, device="cpu") -> dict:
-    """Hugging Face-layout tensors of the model with every adapter merged in: `<path>.weight` =
-    dequant(W) + scaling * B @ A (computed in fp32, rounded once to `dtype`); 4-bit layers without
-    an adapter are dequantized; other floating-point tensors are cast to `dtype`."""
-    # The outermost LoRALinear / Linear4bit modules; their internal keys (base.packed, lora_a, ...)
-    # are replaced by a plain weight (and bias).
+def merge_targets(model: nn.Module) -> dict:
+    """The outermost LoRALinear / Linear4bit modules by name: each becomes one plain weight (and bias)
+    in a merged checkpoint, in place of its internal keys (base.packed, lora_a, ...)."""
     special = {}
     for name, m in model.named_modules():
         if isinstance(m, (LoRALinear, Linear4bit)) and not any(name.startswith(p + ".") for p in special):
             special[name] = m
+    return special
+
+
+def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16, device="cpu") -> dict:
+    """Hugging Face-layout tensors of the model with every adapter merged in: `<path>.weight` =
+    dequant(W) + scaling * B @ A (computed in fp32, rounded once to `dtype`); 4-bit layers without
+    an adapter are dequantized; other floating-point tensors are cast to `dtype`."""
+    special = merge_targets(model)
     out, done = {}, set()
     for key, tensor in model.state_dict().items():
         parts = key.split(".")
@@ -95,13 +101,30 @@ def _write_dir_atomically(out_dir, write, overwrite: bool) -> Path:
 
 
 def save_merged(model: nn.Module, config_dict: dict, out_dir, max_shard_size="5GB",
-                dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> Path:
+                dtype: torch.dtype = torch.bfloat16, overwrite: bool = False, load_in_4bit: bool = False,
+                blocksize: int = 64, double_quant: bool = True) -> Path:
     """Write a merged model that transformers' from_pretrained loads: config.json and
-    model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
+    model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json.
+
+    load_in_4bit: each merged linear weight (rounded to `dtype`) is quantized to NF4 again and written
+    in bitsandbytes' 4-bit format (qlora/bnb_format.py), which transformers + bitsandbytes load.
+    """
     limit = _parse_size(max_shard_size)
     config = {k: v for k, v in config_dict.items() if k not in ("quantization_config", "torch_dtype")}
     config["dtype"] = str(dtype).removeprefix("torch.")
     state = merged_state_dict(model, dtype)
+    if load_in_4bit:                                  # in place, so that the shards keep their order
+        targets = {f"{name}.weight" if name else "weight" for name in merge_targets(model)}
+        quantized = {}
+        for key, tensor in state.items():
+            if key not in targets:
+                quantized[key] = tensor
+                continue
+            layer = Linear4bit.from_weight(tensor, blocksize=blocksize, double_quant=double_quant,
+                                           compute_dtype=dtype)
+            quantized.update(bnb_format.bnb_tensors(layer, key))
+            config["quantization_config"] = bnb_format.quantization_config(layer)
+        state = quantized
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)             # the loader ties it to embed_tokens again
     # safetensors refuses tensors that share memory (a tied head whose config does not say so).

@@ -87,3 +87,30 @@ def test_damaged_4bit_checkpoint_is_refused(tiny_llama, tmp_path):
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="q_proj.weight is stored in 4-bit but its quantization state is incomplete"):
         load_llama(tmp_path / "q4", load_in_4bit=True)
+
+
+def test_our_4bit_export_loads_in_transformers_and_in_ours(tiny_llama, tmp_path):
+    from qlora.adapter import save_merged
+    from qlora.lora import apply_lora
+    ckpt = tiny_llama("gqa")
+    model = apply_lora(load_llama(ckpt, dtype=torch.bfloat16, load_in_4bit=True), "all-linear", r=4, alpha=8,
+                       verbose=False)
+    for m in model.modules():                          # B != 0, so the merge changes the weights
+        if hasattr(m, "lora_b"):
+            torch.nn.init.normal_(m.lora_b, std=0.05, generator=torch.Generator().manual_seed(0))
+    config = json.loads((ckpt / "config.json").read_text())
+    out = save_merged(model, config, tmp_path / "q4", load_in_4bit=True, max_shard_size="30KB")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
+    hf = LlamaForCausalLM.from_pretrained(out, device_map="cpu").eval()
+    ours = load_llama(out, dtype=torch.bfloat16, load_in_4bit=True)
+    merged_dense = save_merged(model, config, tmp_path / "dense")       # the same merge, kept in bf16
+    requantized = load_llama(merged_dense, dtype=torch.bfloat16, load_in_4bit=True)
+    for name, layer in ((n, m) for n, m in ours.named_modules() if isinstance(m, Linear4bit)):
+        theirs = hf.get_submodule(name).weight
+        assert torch.equal(layer.packed, theirs.data.view(-1)) and torch.equal(layer.absmax, theirs.quant_state.absmax)
+        assert torch.equal(layer.packed, requantized.get_submodule(name).packed), name
+    ids = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, expected = ours(ids).float(), hf(ids).logits.float()
+        assert torch.equal(got, requantized(ids).float())
+    torch.testing.assert_close(got, expected, rtol=0, atol=2 * 2**-7 * expected.abs().max().item())

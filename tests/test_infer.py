@@ -132,6 +132,20 @@ def test_merged_export_reloads_in_our_loader_and_transformers(files, tmp_path, c
     assert Tokenizer(out / "tokenizer.model").encode("hello world") == Tokenizer(files["tokenizer"]).encode("hello world")
 
 
+def test_4bit_export_is_a_bitsandbytes_checkpoint_that_reloads(files, tmp_path, capsys):
+    out = tmp_path / "merged4"
+    run_infer(capsys, "--adapter", files["ours"], "--tokenizer", files["tokenizer"], "--export", out, "--4bit")
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.model"}
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["load_in_4bit"]
+    # The bf16 export quantized by us equals the 4-bit export read back, byte for byte.
+    run_infer(capsys, "--adapter", files["ours"], "--tokenizer", files["tokenizer"], "--export", tmp_path / "m16")
+    ours = load_llama(out, dtype=torch.bfloat16, load_in_4bit=True)
+    again = load_llama(tmp_path / "m16", dtype=torch.bfloat16, load_in_4bit=True)
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids), again(ids))
+
+
 # ----------------------------------------------------------------------------- --eval
 
 SCHEMA = "CREATE TABLE head (age INTEGER, name VARCHAR)"
@@ -182,6 +196,7 @@ def test_adapter_for_another_base_model_is_refused(files, tmp_path):
     ("blank prompts file", "empty prompt"),
     ("nothing to do", "nothing to do"),
     ("export dir taken", "not an empty directory"),
+    ("4bit without export", "--4bit applies to --export"),
 ])
 def test_bad_input_exits_with_one_line_naming_the_fix(files, tmp_path, case, message):
     half = tmp_path / "half"                                   # an adapter dir without its weights
@@ -198,7 +213,8 @@ def test_bad_input_exits_with_one_line_naming_the_fix(files, tmp_path, case, mes
             "blank question": [*base, "--context", SCHEMA, "--question", "  "],
             "blank prompts file": [*base, "--prompts", tmp_path / "blank.txt"],
             "nothing to do": base,
-            "export dir taken": [*base, "--export", tmp_path]}[case]
+            "export dir taken": [*base, "--export", tmp_path],
+            "4bit without export": [*base, "--prompt", "hi", "--4bit"]}[case]
     with pytest.raises(SystemExit, match=message) as e:
         infer.main([str(a) for a in argv])
     assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
