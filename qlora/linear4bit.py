@@ -16,9 +16,34 @@ import torch.nn.functional as F
 
 from kernels import KERNEL_DTYPES, NF4Matmul, matmul_nf4_grad
 from kernels.common import use_kernel
-from qlora.nf4 import QuantState, check_weight, dequantize_nf4, double_quantize, nf4_code, quantize_nf4
+from kernels.quantize import quantize_nf4_triton
+from qlora.nf4 import (QuantState, check_weight, code_midpoints, dequantize_nf4, double_quantize, nf4_code,
+                       quantize_nf4)
 
 QUANT_CHUNK_NUMEL = 2**21  # values quantized at once by from_weight: quantize_nf4 needs ~23 bytes of scratch each
+
+
+def _rows_on_device(weight: torch.Tensor, rows: int, device: torch.device, dtype: torch.dtype):
+    """Yield (first row, weight[first row:][:rows] on `device` in `dtype`) for every chunk of rows.
+
+    From the CPU to a GPU each chunk goes through one of two pinned buffers: the upload is then a DMA
+    that runs while the host copies the next chunk into the other buffer (a pageable tensor's .to()
+    would make the driver stage and wait for every chunk)."""
+    if not (weight.device.type == "cpu" and device.type == "cuda"):
+        for r in range(0, weight.shape[0], rows):
+            yield r, weight[r:r + rows].to(device=device, dtype=dtype)
+        return
+    staging = [torch.empty((rows, weight.shape[1]), dtype=weight.dtype, pin_memory=True) for _ in range(2)]
+    uploaded = [None, None]                                  # the event after each buffer's last upload
+    for i, r in enumerate(range(0, weight.shape[0], rows)):
+        buf, rows_here = staging[i % 2], min(rows, weight.shape[0] - r)
+        if uploaded[i % 2] is not None:
+            uploaded[i % 2].synchronize()                    # its previous DMA has finished reading it
+        buf[:rows_here].copy_(weight[r:r + rows_here])
+        chunk = buf[:rows_here].to(device=device, non_blocking=True).to(dtype)
+        uploaded[i % 2] = torch.cuda.Event()
+        uploaded[i % 2].record()
+        yield r, chunk
 
 
 def use_kernels(x: torch.Tensor) -> bool:
@@ -72,13 +97,22 @@ class Linear4bit(nn.Module):
 
         packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
         absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=device)
-        for r in range(0, out_features, rows):
-            chunk = weight[r:r + rows].to(device=device, dtype=weight_dtype)
-            chunk_packed, chunk_state = quantize_nf4(chunk, blocksize, double_quant=False)
+        kernel = use_kernel(packed.new_empty(0, dtype=weight_dtype), KERNEL_DTYPES + (torch.float32,), cuda_only=True)
+        if kernel:                                              # one Triton pass per chunk, one check per weight
+            midpoints, bad = code_midpoints(nf4_code(device)), torch.zeros(1, dtype=torch.int32, device=device)
+        for r, chunk in _rows_on_device(weight, rows, device, weight_dtype):
             start = r * in_features                             # a multiple of blocksize, so even
+            if kernel:
+                stop = start + chunk.numel()
+                quantize_nf4_triton(chunk, midpoints, blocksize, packed[start // 2:(stop + 1) // 2],
+                                    absmax[start // blocksize:math.ceil(stop / blocksize)], bad)
+                continue
+            chunk_packed, chunk_state = quantize_nf4(chunk, blocksize, double_quant=False)   # the reference
             packed[start // 2:start // 2 + chunk_packed.numel()] = chunk_packed
             absmax[start // blocksize:start // blocksize + chunk_state.absmax.numel()] = chunk_state.absmax
             del chunk, chunk_packed, chunk_state
+        if kernel and bad.item():
+            raise ValueError(f"weight has {bad.item()} NaN/Inf value(s): fix or drop them before quantizing")
 
         state = QuantState(absmax=absmax, shape=weight.shape, dtype=weight_dtype, blocksize=blocksize,
                            code=nf4_code(device))

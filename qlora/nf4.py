@@ -142,10 +142,14 @@ def _blockwise_absmax_scale(x: torch.Tensor, blocksize: int) -> tuple[torch.Tens
     return scaled.clamp(-1, 1), absmax
 
 
+def code_midpoints(sorted_code: torch.Tensor) -> torch.Tensor:
+    """fp32 [15]: the points halfway between neighbouring levels of a sorted code book."""
+    return (sorted_code[:-1] + sorted_code[1:]) / 2
+
+
 def _nearest_index(scaled: torch.Tensor, sorted_code: torch.Tensor) -> torch.Tensor:
     """Index of the nearest level of a sorted code book (ties go to the lower level)."""
-    midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2
-    return torch.bucketize(scaled, midpoints)
+    return torch.bucketize(scaled, code_midpoints(sorted_code))
 
 
 # ----------------------------------------------------------------------------- 8-bit absmax codes
