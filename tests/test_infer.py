@@ -110,6 +110,19 @@ def test_our_and_peft_adapter_files_give_peft_logits_and_generations(files, caps
         assert text.strip() == expected_text
 
 
+def test_prompts_file_batched_by_length_gives_each_prompt_its_batch_1_completion(files, tmp_path, capsys):
+    prompts = ["The quick brown fox jumps over the lazy dog.", "Hello", "Numbers: 1234 and more numbers 5678",
+               "QLoRA", "Tiny tokenizers are trained in tests, hello world"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    common = ["--adapter", files["ours"], "--tokenizer", files["tokenizer"], "--max_new_tokens", 8]
+    batched = [json.loads(line) for line in run_infer(capsys, *common, "--prompts", tmp_path / "p.txt",
+                                                       "--batch_size", 3).splitlines()]
+    alone = [json.loads(line) for line in run_infer(capsys, *common, "--prompts", tmp_path / "p.txt",
+                                                     "--batch_size", 1).splitlines()]
+    assert [row["prompt"] for row in batched] == prompts                 # the file's order
+    assert batched == alone
+
+
 # ----------------------------------------------------------------------------- merge and export
 
 def test_merged_export_reloads_in_our_loader_and_transformers(files, tmp_path, capsys):
