@@ -29,6 +29,7 @@ from qlora.config import TrainConfig
 from qlora.data import check_rows, format_row, load_rows
 from qlora.adapter import load_adapter, merged_state_dict, read_adapter_config, save_merged
 from qlora.sql_eval import score
+from qlora.trainer import pick_device
 
 TRAINING_CONFIG = "training_config.json"
 TOKENIZER = "tokenizer.model"
@@ -144,10 +145,7 @@ def main(argv=None) -> int:
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # fp32 is the fast CPU dtype
 
     # ---- the adapter's files: PEFT's config, and what train.py keeps beside it

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from bench.checkpoint import LLAMA2_7B, TINY, write_random_checkpoint
-from bench.load import CHECKPOINT_7B, CHECKPOINT_TINY, load_ours, load_peer, pick_device
+from bench.common import CHECKPOINT_7B, CHECKPOINT_TINY, load_ours, load_peer
+from qlora.trainer import pick_device
 
 
 def sync(device: torch.device) -> None:
