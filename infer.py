@@ -14,7 +14,6 @@ them works too; then pass --tokenizer if the base has no tokenizer.model.
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -207,10 +206,8 @@ def run(argv=None) -> int:
         if not args.adapter:
             raise ValueError("--export writes base + adapter merged: pass --adapter too")
         config = json.loads((Path(base) if base.endswith(".json") else checkpoint_dir(base) / "config.json").read_text())
-        out = save_merged(model, config, args.export)     # into a temp dir, then renamed: never half-written
-        tmp = out / (TOKENIZER + ".tmp")                   # the tokenizer too, so the dir is a whole checkpoint
-        tmp.write_bytes(tokenizer.sp.serialized_model_proto())
-        os.replace(tmp, out / TOKENIZER)
+        # One atomic write (a temp dir, then renamed) of the weights and the tokenizer: a whole checkpoint or none.
+        out = save_merged(model, config, args.export, extra_files={TOKENIZER: tokenizer.sp.serialized_model_proto()})
         print(f"merged model written to {out}", file=sys.stderr)
     if args.merge:
         model = merged_model(model)

@@ -21,6 +21,7 @@ from qlora.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_c
 from qlora.config import TrainConfig, parse_args
 from qlora.data import Batches, batches_in_order, format_row, load_rows, pad_id_of, prepare_data
 from qlora.adapter import save_adapter
+from qlora.atomic import write_file, write_text
 from qlora.lora import apply_lora, trainable_summary
 from qlora.loss import causal_lm_loss
 from qlora.trainer import make_optimizer, memory_gib, mixed_precision, optimizer_step, pick_device, pick_dtype
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     metrics_path = out / "metrics.jsonl"
     kept = [line for line in (metrics_path.read_text().splitlines() if resume and metrics_path.exists() else [])
             if json.loads(line)["step"] <= step]
-    metrics_path.write_text("".join(line + "\n" for line in kept))
+    write_text(metrics_path, "".join(line + "\n" for line in kept))
     metrics = open(metrics_path, "a")
     model.train()
     last_saved = resume
@@ -187,9 +188,7 @@ def plot_loss(out: Path) -> None:
     evals = [r for r in rows if "eval_loss" in r]
     ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
     ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend()
-    tmp = out / "loss.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(out / "loss.png")
+    write_file(out / "loss.png", lambda tmp: fig.savefig(tmp, dpi=100))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 
 from bench.common import (CHECKPOINT_7B, CHECKPOINT_TINY, REPO, load_ours, load_peer, measure_load, prepare_checkpoint,
                           ratio, run_side_subprocess, size, versions)
+from qlora.atomic import write_text
 from qlora.trainer import pick_device
 
 GOAL_PEAK_OVER_RESIDENT = 1.05
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
 
     if args.side:
         result = run_side(args.side, path, device)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_text(args.json, json.dumps(result, indent=2))
         return 0
 
     prepare_checkpoint(path, args.tiny)
@@ -101,8 +102,7 @@ def main(argv=None) -> int:
         print(f"\ngoal peak <= {GOAL_PEAK_OVER_RESIDENT} x resident: {'met' if met else 'NOT met'} "
               f"({ours['peak_over_resident']:.3f})")
     out = Path(args.json or REPO / "out/bench/load.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"checkpoint": str(path), "tiny": args.tiny, "results": results}, indent=2))
+    write_text(out, json.dumps({"checkpoint": str(path), "tiny": args.tiny, "results": results}, indent=2))
     print(f"details: {out}")
     return 0 if all("error" not in r for r in results.values()) else 1
 

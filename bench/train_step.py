@@ -41,6 +41,7 @@ from torch.profiler import record_function
 from bench.common import (CHECKPOINT_7B, CHECKPOINT_TINY, REPO, load_ours, load_peer, measure_load, prepare_checkpoint,
                           ratio, run_side_subprocess, size, versions)
 from bench.step_profile import print_profile, profile_step
+from qlora.atomic import write_text
 from qlora.trainer import pick_device
 
 GOAL_SPEEDUP, GOAL_MEMORY = 2.0, 0.7     # issue #8: >= 2x the peer's tokens/s in <= 0.7x its peak memory
@@ -308,7 +309,7 @@ def main(argv=None) -> int:
 
     if args.side:
         result = run_side(args.side, s, device, args.profile)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_text(args.json, json.dumps(result, indent=2))
         return 0
 
     prepare_checkpoint(s.checkpoint, args.tiny)
@@ -329,9 +330,8 @@ def main(argv=None) -> int:
         if "error" in result or "skipped" in result:
             print(f"{side}: {result.get('error') or 'skipped: ' + result['skipped']}")
     out = Path(args.json or REPO / "out/bench/train_step.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     mfus = {side: dict(zip(("mfu", "hfu"), mfu(r, ceiling, side))) for side, r in results.items()}
-    out.write_text(json.dumps({"settings": asdict(s), "matmul_ceiling_tflops": ceiling, "mfu": mfus,
+    write_text(out, json.dumps({"settings": asdict(s), "matmul_ceiling_tflops": ceiling, "mfu": mfus,
                                "results": results}, indent=2))
     print(f"details: {out}")
     return 0 if all("error" not in r for r in results.values()) else 1
