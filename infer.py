@@ -15,7 +15,6 @@ them works too; then pass --tokenizer if the base has no tokenizer.model.
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from qlora.config import TrainConfig
 from qlora.data import check_rows, format_row, load_rows
 from qlora.adapter import load_adapter, merged_state_dict, read_adapter_config, save_merged
 from qlora.sql_eval import score
+from qlora.trainer import pick_device
 
 TRAINING_CONFIG = "training_config.json"
 TOKENIZER = "tokenizer.model"
@@ -150,10 +150,7 @@ def main(argv=None) -> int:
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # fp32 is the fast CPU dtype
 
     # ---- the adapter's files: PEFT's config, and what train.py keeps beside it
@@ -215,11 +212,9 @@ def run(argv=None) -> int:
         if not args.adapter:
             raise ValueError("--export writes base + adapter merged: pass --adapter too")
         config = json.loads((Path(base) if base.endswith(".json") else checkpoint_dir(base) / "config.json").read_text())
-        out = save_merged(model, config, args.export,     # into a temp dir, then renamed: never half-written
-                          load_in_4bit=args.export_4bit)
-        tmp = out / (TOKENIZER + ".tmp")                   # the tokenizer too, so the dir is a whole checkpoint
-        tmp.write_bytes(tokenizer.sp.serialized_model_proto())
-        os.replace(tmp, out / TOKENIZER)
+        # One atomic write (a temp dir, then renamed) of the weights and the tokenizer: a whole checkpoint or none.
+        out = save_merged(model, config, args.export, load_in_4bit=args.export_4bit,
+                          extra_files={TOKENIZER: tokenizer.sp.serialized_model_proto()})
         print(f"merged model written to {out}", file=sys.stderr)
     if args.merge:
         model = merged_model(model)

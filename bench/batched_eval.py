@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from bench.checkpoint import LLAMA2_7B, TINY, write_random_checkpoint
-from bench.load import CHECKPOINT_7B, load_ours, pick_device
+from bench.common import CHECKPOINT_7B, load_ours
 from llama.generate import generate
 from llama.tokenizer import Tokenizer
 from qlora.data import format_row, load_rows
+from qlora.trainer import pick_device
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from bench.checkpoint import LLAMA2_7B, TINY, write_random_checkpoint
-from bench.load import CHECKPOINT_7B, CHECKPOINT_TINY, load_ours, load_peer, pick_device
+from bench.common import CHECKPOINT_7B, CHECKPOINT_TINY, load_ours, load_peer
+from qlora.atomic import write_text
+from qlora.trainer import pick_device
 
 
 def sync(device: torch.device) -> None:
@@ -147,11 +149,10 @@ def main(argv=None) -> None:
         results["ours_graph"]["equals_eager"] = same
         print(f"CUDA-graph tokens == eager tokens: {same}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         details = {"device": str(device), "checkpoint": str(path), "shape": shape, "prompt": prompt,
                    "new_tokens": args.new_tokens, "repeats": args.repeats, "peer_reference_h100_tokens_per_s": 12.6,
                    "results": results}
-        Path(args.json).write_text(json.dumps(details, indent=2) + "\n")
+        write_text(args.json, json.dumps(details, indent=2) + "\n")
         print(f"details in {args.json}")
 
 
