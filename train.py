@@ -7,6 +7,7 @@ Any config key can be given on the command line too (`--learning_rate 1e-4`). Th
 randomly initialised: it shows that every piece runs and the loss falls, nothing more.
 """
 
+import dataclasses
 import json
 import math
 import sys
@@ -17,22 +18,62 @@ import torch
 
 from llama.load import checkpoint_dir, load_llama, random_llama
 from llama.tokenizer import Tokenizer, train_tokenizer
-from qlora.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from qlora.checkpoint import (check_resume_config, find_checkpoint, list_checkpoints, load_checkpoint, rng_state,
+                              save_checkpoint)
 from qlora.config import TrainConfig, parse_args
-from qlora.data import Batches, batches_in_order, format_row, load_rows, pad_id_of, prepare_data
+from qlora.data import Batches, batches_in_order, check_type, format_row, load_rows, pad_id_of, prepare_data
 from qlora.adapter import save_adapter
-from qlora.atomic import write_file, write_text
+from qlora.atomic import check_writable_dir, clean_leftovers, write_file
+from qlora.errors import read_json, run_cli
 from qlora.lora import apply_lora, trainable_summary
 from qlora.loss import causal_lm_loss
-from qlora.trainer import make_optimizer, memory_gib, mixed_precision, optimizer_step, pick_device, pick_dtype
+from qlora.metrics import MetricsLog, read_metrics
+from qlora.trainer import (load_training_state, make_optimizer, memory_gib, mixed_precision, optimizer_step,
+                           pick_device, pick_dtype)
+
+
+def check_before_loading(cfg: TrainConfig) -> tuple[TrainConfig, tuple[Path, dict] | None]:
+    """What can be checked before data and model load (a mistake then costs seconds, and leaves
+    nothing written): device, paths, the output dir, leftovers of killed runs, the checkpoint to
+    resume and its config. Returns the config with local paths made absolute (the adapter then
+    names its base model wherever infer.py runs) and (checkpoint, manifest) or None."""
+    pick_dtype(cfg, pick_device(cfg.device))
+    out = check_writable_dir(cfg.output_dir)
+    for spec in cfg.datasets:
+        check_type(spec.get("type", "context_qa"))
+    base = Path(cfg.base_model).expanduser()
+    if cfg.base_model.endswith(".json"):
+        if not base.is_file():
+            raise FileNotFoundError(f"model config {base} not found: pass a config.json, a checkpoint "
+                                    "directory or a hub id as --base_model")
+        if not isinstance(read_json(base, "model config").get("vocab_size"), int):
+            raise ValueError(f"model config {base} has no vocab_size: it is not a Llama config.json")
+    if base.exists():
+        cfg = dataclasses.replace(cfg, base_model=str(base.resolve()))
+    if cfg.tokenizer:
+        if not Path(cfg.tokenizer).expanduser().is_file():
+            raise FileNotFoundError(f"tokenizer {cfg.tokenizer} not found: pass --tokenizer PATH/tokenizer.model")
+        cfg = dataclasses.replace(cfg, tokenizer=str(Path(cfg.tokenizer).expanduser().resolve()))
+
+    for line in clean_leftovers(out):
+        print(f"note: {out}: {line}", file=sys.stderr)
+    resume = find_checkpoint(out, cfg.resume_from_checkpoint)
+    if resume is None and list_checkpoints(out):
+        raise ValueError(f"output_dir {out} holds the checkpoints of an earlier run "
+                         f"({', '.join(p.name for p in list_checkpoints(out))}): add --resume_from_checkpoint true "
+                         "to continue it, or choose another --output_dir")
+    if resume is not None:
+        for line in check_resume_config(resume[1].get("config", {}), vars(cfg)):
+            print(line, file=sys.stderr)
+    return cfg, resume
 
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
+    cfg, resume = check_before_loading(cfg)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg, device)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     print(f"device {device}, compute dtype {dtype}, output {out}")
 
@@ -46,13 +87,18 @@ def main(argv=None) -> int:
             texts = []
             for spec in cfg.datasets:
                 texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in load_rows(spec["path"])]
-            vocab = json.loads(Path(cfg.base_model).read_text())["vocab_size"]
+            vocab = read_json(cfg.base_model, "model config")["vocab_size"]
             train_tokenizer(texts, vocab, tokenizer_path)
     else:
         tokenizer_path = checkpoint_dir(cfg.base_model) / "tokenizer.model"
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"tokenizer {tokenizer_path} not found: pass --tokenizer PATH/tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
+    model_config = Path(cfg.base_model) if demo else checkpoint_dir(cfg.base_model) / "config.json"
+    model_vocab = read_json(model_config, "model config")["vocab_size"]
+    if tokenizer.vocab_size > model_vocab:
+        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but the model "
+                         f"{cfg.base_model} only {model_vocab}: pass the --tokenizer the model was trained with")
     # Saved beside every adapter (PEFT ignores them): what infer.py needs to rebuild the prompt
     # format, the tokenizer and (for the demo) the random base.
     adapter_extras = {"training_config.json": json.dumps(vars(cfg), indent=2).encode(),
@@ -60,6 +106,9 @@ def main(argv=None) -> int:
     data = prepare_data(cfg.datasets, tokenizer, cfg.sequence_len, cfg.val_set_size, cfg.seed,
                         cfg.train_on_inputs, cfg.sample_packing)
     print(data.summary())
+    if not cfg.train_on_inputs and data.train_label_tokens <= data.rows - len(data.val):
+        raise ValueError(f"every answer in {', '.join(str(d['path']) for d in cfg.datasets)} is empty: training "
+                         "would learn only the end-of-sequence token; fill the answer/output fields")
     pad_id, pad_to = pad_id_of(tokenizer), (cfg.sequence_len if cfg.pad_to_sequence_len else None)
     batches = Batches(data.train, cfg.micro_batch_size, cfg.seed, pad_id, pad_to)
 
@@ -79,17 +128,14 @@ def main(argv=None) -> int:
     optimizer, scheduler = make_optimizer(params, cfg, total_steps)
     autocast, scaler = mixed_precision(device, dtype)
 
-    # ---- resume
+    # ---- resume (the checkpoint was found and its config compared before loading)
     step = 0
-    resume = find_checkpoint(out, cfg.resume_from_checkpoint)
     if resume is not None:
-        state = load_checkpoint(resume, model)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        state = load_checkpoint(resume[0], model)
+        load_training_state(optimizer, scheduler, scaler, state, cfg, total_steps)
         batches.load_state_dict(state["data"])
         step = state["step"]
-        print(f"resumed from {resume} at step {step}")
+        print(f"resumed from {resume[0]} at step {step}")
 
     def loss_of(batch):
         input_ids = batch["input_ids"].to(device)
@@ -116,13 +162,9 @@ def main(argv=None) -> int:
 
     # ---- the loop
     # metrics.jsonl: one line per step; on resume, drop the lines of steps that will run again
-    metrics_path = out / "metrics.jsonl"
-    kept = [line for line in (metrics_path.read_text().splitlines() if resume and metrics_path.exists() else [])
-            if json.loads(line)["step"] <= step]
-    write_text(metrics_path, "".join(line + "\n" for line in kept))
-    metrics = open(metrics_path, "a")
+    metrics = MetricsLog(out / "metrics.jsonl", step if resume is not None else None)
     model.train()
-    last_saved = resume
+    last_saved = resume[0] if resume is not None else None
     tokens_seen, t_log = 0, time.time()
     step_data, step_rng = batches.state_dict(), rng_state()
     try:
@@ -146,7 +188,7 @@ def main(argv=None) -> int:
 
             record = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm,
                       "epoch": round(batches.epochs_done, 4)}
-            if step % cfg.eval_steps == 0 or step == total_steps:
+            if data.val and (step % cfg.eval_steps == 0 or step == total_steps):   # val_set_size 0: none
                 record["eval_loss"] = evaluate()
             if step % cfg.logging_steps == 0 or "eval_loss" in record or step == total_steps:
                 elapsed = time.time() - t_log
@@ -155,8 +197,7 @@ def main(argv=None) -> int:
                 evals = f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""
                 print(f"step {step:5d}/{total_steps} loss {loss_avg:.4f}{evals} lr {lr:.2e} "
                       f"{record['tokens_per_s']:.0f} tok/s mem {record['mem_gib']:.2f} GiB", flush=True)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            metrics.append(record)
             if step % cfg.save_steps == 0 or step == total_steps:
                 last_saved = save(step, batches.state_dict(), rng_state())
     except KeyboardInterrupt:
@@ -182,7 +223,7 @@ def plot_loss(out: Path) -> None:
     except ImportError:
         print("note: matplotlib is not installed, no loss.png (pip install matplotlib)")
         return
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "metrics.jsonl")
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
     evals = [r for r in rows if "eval_loss" in r]
@@ -192,8 +233,4 @@ def plot_loss(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))   # a user's mistake: one line `error: ...`, status 1 (--debug: the traceback)

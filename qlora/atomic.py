@@ -9,11 +9,16 @@ untouched and at most a hidden temporary; a failure removes the temporary.
 A directory cannot be renamed over a non-empty one, so an existing directory is swapped: on Linux
 in one step (renameat2 RENAME_EXCHANGE), elsewhere the old one is first renamed aside; either way
 the old directory is deleted only once the new one is in place.
+
+A process killed mid-write leaves its hidden temporaries behind (`.NAME.tmp-PID-HEX`, and, where
+directories are renamed aside, `.NAME.old-PID-HEX`; remove_dir's `.NAME.del-PID-HEX`):
+clean_leftovers(directory) removes those of processes no longer running, at the start of a run.
 """
 
 import ctypes
 import errno
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -23,6 +28,10 @@ from typing import Callable
 def _temp_name(path: Path, kind: str) -> Path:
     # Hidden, unique, and with the target's suffix (writers such as savefig go by the extension).
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+
+
+# _temp_name's pattern: .{name}.{kind}-{pid}-{8 hex}{suffix}
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)-[0-9a-f]{8}(?:\.[^.]*)?")
 
 
 def _fsync(path: Path) -> None:
@@ -104,3 +113,78 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):   # the kernel or the file system lacks it
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+def remove_dir(path) -> None:
+    """Delete a directory so that it is never seen half-deleted: renamed to a hidden name first
+    (one atomic step), then removed. A crash mid-delete leaves only the hidden name."""
+    path = Path(path)
+    doomed = _temp_name(path, "del")
+    os.replace(path, doomed)
+    _fsync(path.parent)
+    shutil.rmtree(doomed)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():                            # an earlier process with our pid: we wrote nothing yet
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                           # exists, owned by another user
+        return True
+    return True
+
+
+def clean_leftovers(directory) -> list[str]:
+    """Remove the temporaries that killed writers left in `directory`; return what was done, a line each.
+
+    Call it before this process writes in `directory` (its own temporaries would look like leftovers).
+
+    A `.old` directory whose target is missing (a crash between the two renames of write_dir's
+    fallback) is the last complete version: it is renamed back instead of deleted. Temporaries of a
+    process still running (another writer in the same directory) are left alone and reported.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    done = []
+    for path in sorted(directory.iterdir()):
+        match = _TEMP.fullmatch(path.name)
+        if not match:
+            continue
+        target = directory / match["name"]
+        if _running(int(match["pid"])):
+            done.append(f"kept {path.name}: process {match['pid']} is still running and may be writing it")
+        elif match["kind"] == "old" and not target.exists():
+            os.replace(path, target)
+            done.append(f"restored {target.name} from {path.name} (a write was interrupted mid-swap)")
+        else:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            done.append(f"removed {path.name}, left by an interrupted write")
+    if done:
+        _fsync(directory)
+    return done
+
+
+def check_writable_dir(path, what: str = "output_dir") -> Path:
+    """Check that `path` is, or can be made, a directory this process may write in; create nothing.
+
+    ValueError naming the path otherwise: a file in the way, a read-only place, /proc or /sys.
+    """
+    path = Path(path).expanduser().absolute()
+    for system in ("/proc", "/sys", "/dev"):
+        if path == Path(system) or Path(system) in path.parents:
+            raise ValueError(f"{what} {path} is under {system}, which holds no files: choose a directory on a disk")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path}: {existing} is a file, not a directory: choose another {what} "
+                         "or move the file")
+    read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+    if read_only or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {existing} is not writable{' (a read-only file system)' if read_only else ''}: "
+                         f"choose another {what}")
+    return path

@@ -13,12 +13,27 @@ from qlora.paged_adamw import PagedAdamW
 
 
 def pick_device(name: str) -> torch.device:
-    """auto: the current GPU (as cuda:N, which every loader accepts) or the CPU; else the named device."""
+    """auto: the current GPU (as cuda:N, which every loader accepts) or the CPU; else the named device.
+
+    A device that is not there is a ValueError naming it, before anything is loaded."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r} is not supported here: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"--device {name!r} but no CUDA GPU is visible (torch {torch.__version__}, {built}): "
+                             "use --device cpu, or auto")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name!r}: there are only {torch.cuda.device_count()} GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -49,6 +64,21 @@ def make_optimizer(params: list, cfg: TrainConfig, total_steps: int):
                            paged=cfg.optimizer == "paged_adamw_32bit")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps))
     return optimizer, scheduler
+
+
+def load_training_state(optimizer, scheduler, scaler, state: dict, cfg: TrainConfig, total_steps: int) -> None:
+    """Restore optimizer, schedule and loss scaler from a checkpoint's state, then apply this run's
+    learning rate and weight decay (a resume may change them): the schedule goes on from the saved
+    step with the new values. Unchanged values give the very same numbers as the saved ones."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    scheduler.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["weight_decay"] = cfg.learning_rate, cfg.weight_decay
+        # what LambdaLR.step() set: base_lr * lambda(last_epoch), lambda reading this run's cfg
+        group["lr"] = cfg.learning_rate * lr_factor(scheduler.last_epoch, cfg, total_steps)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]   # what get_last_lr() reports
 
 
 def mixed_precision(device: torch.device, dtype: torch.dtype):

@@ -83,7 +83,7 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path):
 
     with pytest.raises(OSError):
         ckpt.save_checkpoint(tmp_path, 2, model, crash, {"data": {"epoch": 1}})
-    assert ckpt.find_checkpoint(tmp_path, True) == first
+    assert ckpt.find_checkpoint(tmp_path, True)[0] == first
     state = ckpt.load_checkpoint(first, model)
     assert state["step"] == 1 and state["data"] == {"epoch": 0}
 
