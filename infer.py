@@ -29,6 +29,7 @@ from qlora.config import TrainConfig
 from qlora.data import check_rows, format_row, load_rows
 from qlora.adapter import load_adapter, merged_state_dict, read_adapter_config, save_merged
 from qlora.sql_eval import score
+from qlora.errors import read_json, read_text, run_cli
 from qlora.trainer import pick_device
 
 TRAINING_CONFIG = "training_config.json"
@@ -142,10 +143,7 @@ def interactive_prompt(line: str, kind: str | None) -> str:
 
 
 def main(argv=None) -> int:
-    try:
-        return run(argv)
-    except (ValueError, FileNotFoundError) as e:   # bad input: one line naming the problem and the fix
-        raise SystemExit(f"error: {e}") from None
+    return run_cli(run, argv)   # bad input: one line naming the problem and the fix (--debug: traceback)
 
 
 def run(argv=None) -> int:
@@ -161,7 +159,7 @@ def run(argv=None) -> int:
                                     "train.py wrote (or a PEFT save_pretrained folder)")
         adapter_cfg = read_adapter_config(args.adapter)
         if (Path(args.adapter) / TRAINING_CONFIG).is_file():
-            train_cfg = json.loads((Path(args.adapter) / TRAINING_CONFIG).read_text())
+            train_cfg = read_json(Path(args.adapter) / TRAINING_CONFIG, "training config")
     trained_on = adapter_cfg.get("base_model_name_or_path")
     base = args.base or trained_on
     if not base:
@@ -185,7 +183,7 @@ def run(argv=None) -> int:
     if args.prompts:
         if not Path(args.prompts).is_file():
             raise FileNotFoundError(f"prompts file {args.prompts} not found: pass a text file, one prompt a line")
-        batched = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        batched = [line for line in read_text(args.prompts, "prompts file").splitlines() if line.strip()]
         if not batched:
             raise ValueError(f"empty prompt: {args.prompts} holds no non-blank line")
 
@@ -211,7 +209,7 @@ def run(argv=None) -> int:
     if args.export:
         if not args.adapter:
             raise ValueError("--export writes base + adapter merged: pass --adapter too")
-        config = json.loads((Path(base) if base.endswith(".json") else checkpoint_dir(base) / "config.json").read_text())
+        config = read_json(Path(base) if base.endswith(".json") else checkpoint_dir(base) / "config.json", "model config")
         # One atomic write (a temp dir, then renamed) of the weights and the tokenizer: a whole checkpoint or none.
         out = save_merged(model, config, args.export, load_in_4bit=args.export_4bit,
                           extra_files={TOKENIZER: tokenizer.sp.serialized_model_proto()})

@@ -13,7 +13,6 @@ A checkpoint saved in 4-bit by transformers + bitsandbytes (config.json's quanti
 (qlora/bnb_format.py); its blocksize and double quantization win over the arguments.
 """
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from safetensors import safe_open
 
 from llama.model import Llama, LlamaConfig, rope_inv_freq
 from qlora import bnb_format
+from qlora.errors import read_json
 from qlora.linear4bit import QUANT_CHUNK_NUMEL, Linear4bit
 from qlora.lora import LINEAR_NAMES
 from qlora.nf4 import BLOCKSIZES, FLOAT_DTYPES
@@ -132,7 +132,7 @@ def random_llama(config_path: str | Path, device, dtype: torch.dtype, load_in_4b
     if not path.is_file():
         raise FileNotFoundError(f"model config {path} not found: pass a checkpoint directory, a hub id "
                                 "or a config.json")
-    config = LlamaConfig.from_hf(json.loads(path.read_text()))
+    config = LlamaConfig.from_hf(read_json(path, "model config"))
     generator = torch.Generator().manual_seed(seed)
     model = Llama(config)
     with torch.no_grad():
@@ -170,7 +170,13 @@ def checkpoint_dir(path_or_repo_id) -> Path:
     if text.startswith(("/", ".", "~")) or text.count("/") != 1:
         raise FileNotFoundError(f"checkpoint directory {text} does not exist: pass a local directory "
                                 f"or a Hugging Face repo id like meta-llama/Llama-2-7b-hf")
-    return Path(snapshot_download(text, allow_patterns=HUB_FILES))
+    try:
+        return Path(snapshot_download(text, allow_patterns=HUB_FILES))
+    except Exception as e:  # noqa: BLE001 - offline, unknown or gated repository, network failure
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConnectionError(f"cannot get model {text!r} from the Hugging Face hub ({type(e).__name__}: {reason}); "
+                              "check the repo id, log in for a gated model (huggingface-cli login), or pass a "
+                              "local checkpoint directory") from None
 
 
 def safetensors_files(directory: Path) -> list[Path]:
@@ -196,7 +202,4 @@ def safetensors_files(directory: Path) -> list[Path]:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} is missing from {path.parent}: a Hugging Face checkpoint needs it")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): download it again") from e
+    return read_json(path)

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from qlora import bnb_format
 from qlora.atomic import write_dir
+from qlora.errors import read_json
 from qlora.linear4bit import Linear4bit
 from qlora.lora import LoRALinear, apply_lora, base_weight, find_lora_targets, lora_layers
 
@@ -187,7 +188,9 @@ def read_adapter_config(adapter_dir) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass a directory written by save_adapter or "
                                 "PEFT's save_pretrained")
-    config = json.loads(path.read_text())
+    config = read_json(path, "adapter config")
+    if not isinstance(config, dict):
+        raise ValueError(f"adapter config {path} holds a JSON {type(config).__name__}, not an object")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}, only 'LORA' adapters load here")
     # PEFT options that change which weights exist or how they combine; plain LoRA leaves them unset.
@@ -215,8 +218,7 @@ def load_adapter(model: nn.Module, adapter_dir, dtype: torch.dtype | None = None
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} not found (adapter_model.bin is not supported: "
                                 "re-save the adapter with safetensors)")
-    with safe_open(weights_path, "pt") as f:
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    tensors = _read_safetensors(weights_path)
     hint = f"(adapter made for base model {config.get('base_model_name_or_path')!r})"
 
     # Which layers the file holds, by module path.
@@ -257,6 +259,20 @@ def load_adapter(model: nn.Module, adapter_dir, dtype: torch.dtype | None = None
         layer.lora_a.copy_(paths[name]["A"])
         layer.lora_b.copy_(paths[name]["B"])
     return model
+
+
+def _read_safetensors(path: Path) -> dict:
+    """Every tensor of a safetensors file; a ValueError naming the file if it is not one."""
+    try:
+        with safe_open(path, "pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # noqa: BLE001 - SafetensorError, or an OSError for a header too short
+        with open(path, "rb") as f:
+            head = f.read(2)
+        what = ("a pickle file (torch.save), which can run code when loaded" if head[:1] == b"\x80" or head == b"PK"
+                else f"not a readable safetensors file ({' '.join(str(e).split())[:120]}): truncated or damaged")
+        raise ValueError(f"{path} is {what}; re-save the adapter with save_adapter or PEFT's "
+                         "save_pretrained(safe_serialization=True)") from None
 
 
 def _layer_count(paths) -> int:

@@ -150,6 +150,16 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     for i, d in enumerate(cfg.datasets):
         if not isinstance(d, dict) or "path" not in d:
             bad(f"datasets[{i}] needs a 'path' (and a 'type': context_qa or alpaca)")
+    return check_values(cfg)
+
+
+def check_values(cfg: TrainConfig) -> TrainConfig:
+    """Value checks that would otherwise fire only once data and model are loaded."""
+    if not cfg.lora_alpha > 0:   # the LoRA scaling alpha / r (paper eq. 5): 0 trains nothing
+        raise ValueError(f"config: lora_alpha must be > 0, got {cfg.lora_alpha} (commonly 2 * lora_r)")
+    if cfg.val_set_size >= 1 and cfg.val_set_size != int(cfg.val_set_size):
+        raise ValueError(f"config: val_set_size {cfg.val_set_size} >= 1 is a row count and must be whole "
+                         "(or a fraction < 1)")
     return cfg
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qlora.errors import read_text
 from qlora.sql_dataset import sql_rows
 
 IGNORE_INDEX = -100
@@ -88,7 +89,7 @@ def format_row(row: dict, kind: str) -> tuple[str, str]:
 
 
 def _read_json_file(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "dataset")
     if path.suffix == ".json":
         try:
             rows = json.loads(text)
