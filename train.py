@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from llama.load import checkpoint_dir, load_llama, random_llama
+from llama.load import config_path, is_random_base, load_base, model_dir
 from llama.tokenizer import Tokenizer, train_tokenizer
 from qlora.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from qlora.config import TrainConfig, parse_args
@@ -37,19 +37,18 @@ def main(argv=None) -> int:
     print(f"device {device}, compute dtype {dtype}, output {out}")
 
     # ---- tokenizer and data
-    demo = cfg.base_model.endswith(".json")
     if cfg.tokenizer:
         tokenizer_path = Path(cfg.tokenizer)
-    elif demo:  # the demo model has no tokenizer: train one on the dataset (once, kept in output_dir)
+    elif is_random_base(cfg.base_model):  # the demo model has no tokenizer: train one on the dataset (once, kept in output_dir)
         tokenizer_path = out / "tokenizer.model"
         if not tokenizer_path.is_file():
             texts = []
             for spec in cfg.datasets:
                 texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in load_rows(spec["path"])]
-            vocab = json.loads(Path(cfg.base_model).read_text())["vocab_size"]
+            vocab = json.loads(config_path(cfg.base_model).read_text())["vocab_size"]
             train_tokenizer(texts, vocab, tokenizer_path)
     else:
-        tokenizer_path = checkpoint_dir(cfg.base_model) / "tokenizer.model"
+        tokenizer_path = model_dir(cfg.base_model) / "tokenizer.model"
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"tokenizer {tokenizer_path} not found: pass --tokenizer PATH/tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
@@ -65,10 +64,7 @@ def main(argv=None) -> int:
 
     # ---- model: frozen (4-bit) base + LoRA adapters
     t0 = time.time()
-    if demo:
-        model = random_llama(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed)
-    else:
-        model = load_llama(cfg.base_model, device, dtype, cfg.load_in_4bit)
+    model = load_base(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed)
     print(f"base model loaded in {time.time() - t0:.1f}s ({'NF4' if cfg.load_in_4bit else dtype} weights)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
