@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from llama.generate import TextStream, generate
-from llama.load import checkpoint_dir, load_llama, random_llama
+from llama.load import config_path, is_random_base, load_base, model_dir
 from llama.model import Llama
 from llama.tokenizer import Tokenizer
 from qlora.config import TrainConfig
@@ -94,20 +94,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_base(base: str, train_cfg: dict, device: torch.device, dtype: torch.dtype, load_in_4bit: bool) -> Llama:
-    if base.endswith(".json"):
-        # The demo's base: a random Llama, rebuilt from the config and the seed training used.
-        seed = train_cfg.get("seed", TrainConfig().seed)
-        return random_llama(base, device, dtype, load_in_4bit, seed)
-    return load_llama(base, device, dtype, load_in_4bit)
-
-
 def find_tokenizer(args, base: str) -> Tokenizer:
     candidates = [Path(args.tokenizer)] if args.tokenizer else []
     if not args.tokenizer and args.adapter:
         candidates.append(Path(args.adapter) / TOKENIZER)
-    if not args.tokenizer and not base.endswith(".json"):
-        candidates.append(checkpoint_dir(base) / TOKENIZER)
+    if not args.tokenizer and not is_random_base(base):
+        candidates.append(model_dir(base) / TOKENIZER)
     for path in candidates:
         if path.is_file():
             return Tokenizer(path)
@@ -190,7 +182,8 @@ def run(argv=None) -> int:
     # ---- load: base (NF4 unless --bf16 or trained on a 16-bit base), adapter, tokenizer
     t0 = time.time()
     load_in_4bit = not args.bf16 and train_cfg.get("load_in_4bit", True)
-    model = load_base(base, train_cfg, device, dtype, load_in_4bit)
+    # The demo's random base is rebuilt from its config.json and the seed training used.
+    model = load_base(base, device, dtype, load_in_4bit, train_cfg.get("seed", TrainConfig().seed))
     if args.adapter:
         try:
             # A and B stored in the compute dtype: forward casts them to it anyway, now once, not every step.
@@ -209,7 +202,7 @@ def run(argv=None) -> int:
     if args.export:
         if not args.adapter:
             raise ValueError("--export writes base + adapter merged: pass --adapter too")
-        config = read_json(Path(base) if base.endswith(".json") else checkpoint_dir(base) / "config.json", "model config")
+        config = read_json(config_path(base), "model config")
         # One atomic write (a temp dir, then renamed) of the weights and the tokenizer: a whole checkpoint or none.
         out = save_merged(model, config, args.export, load_in_4bit=args.export_4bit,
                           extra_files={TOKENIZER: tokenizer.sp.serialized_model_proto()})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from llama.load import checkpoint_dir, load_llama, random_llama
+from llama.load import config_path, is_random_base, load_base, model_dir
 from llama.tokenizer import Tokenizer, train_tokenizer
 from qlora.checkpoint import (check_resume_config, find_checkpoint, list_checkpoints, load_checkpoint, rng_state,
                               save_checkpoint)
@@ -42,7 +42,7 @@ def check_before_loading(cfg: TrainConfig) -> tuple[TrainConfig, tuple[Path, dic
     for spec in cfg.datasets:
         check_type(spec.get("type", "context_qa"))
     base = Path(cfg.base_model).expanduser()
-    if cfg.base_model.endswith(".json"):
+    if is_random_base(cfg.base_model):
         if not base.is_file():
             raise FileNotFoundError(f"model config {base} not found: pass a config.json, a checkpoint "
                                     "directory or a hub id as --base_model")
@@ -78,24 +78,22 @@ def main(argv=None) -> int:
     print(f"device {device}, compute dtype {dtype}, output {out}")
 
     # ---- tokenizer and data
-    demo = cfg.base_model.endswith(".json")
     if cfg.tokenizer:
         tokenizer_path = Path(cfg.tokenizer)
-    elif demo:  # the demo model has no tokenizer: train one on the dataset (once, kept in output_dir)
+    elif is_random_base(cfg.base_model):  # the demo model has no tokenizer: train one on the dataset (once, kept in output_dir)
         tokenizer_path = out / "tokenizer.model"
         if not tokenizer_path.is_file():
             texts = []
             for spec in cfg.datasets:
                 texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in load_rows(spec["path"])]
-            vocab = read_json(cfg.base_model, "model config")["vocab_size"]
+            vocab = read_json(config_path(cfg.base_model), "model config")["vocab_size"]
             train_tokenizer(texts, vocab, tokenizer_path)
     else:
-        tokenizer_path = checkpoint_dir(cfg.base_model) / "tokenizer.model"
+        tokenizer_path = model_dir(cfg.base_model) / "tokenizer.model"
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"tokenizer {tokenizer_path} not found: pass --tokenizer PATH/tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
-    model_config = Path(cfg.base_model) if demo else checkpoint_dir(cfg.base_model) / "config.json"
-    model_vocab = read_json(model_config, "model config")["vocab_size"]
+    model_vocab = read_json(config_path(cfg.base_model), "model config")["vocab_size"]
     if tokenizer.vocab_size > model_vocab:
         raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but the model "
                          f"{cfg.base_model} only {model_vocab}: pass the --tokenizer the model was trained with")
@@ -114,10 +112,7 @@ def main(argv=None) -> int:
 
     # ---- model: frozen (4-bit) base + LoRA adapters
     t0 = time.time()
-    if demo:
-        model = random_llama(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed)
-    else:
-        model = load_llama(cfg.base_model, device, dtype, cfg.load_in_4bit)
+    model = load_base(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed)
     print(f"base model loaded in {time.time() - t0:.1f}s ({'NF4' if cfg.load_in_4bit else dtype} weights)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)

@@ -6,7 +6,7 @@ text-to-SQL prompts, and the time `infer.py --eval` takes to score the 1,034 Spi
 
 On the device, ../shared is not carried: copy spider_dev.jsonl and the Llama 2 tokenizer into a carried
 folder first (bench/run_gpu.sh's `eval` stage does). The model is the random Llama-2-7B-shaped NF4
-checkpoint of bench/checkpoint.py: its answers are noise and rarely hit EOS, so every row runs to
+checkpoint of bench/random_model.py: its answers are noise and rarely hit EOS, so every row runs to
 --new_tokens; the times are an upper bound for a trained model, which stops at EOS.
 Prompts are the rows in the context_qa format, batched in order of length as infer.py does.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.checkpoint import LLAMA2_7B, TINY, write_random_checkpoint
+from bench.random_model import LLAMA2_7B, TINY, write_random_checkpoint
 from bench.common import CHECKPOINT_7B, load_ours
 from llama.generate import generate
 from llama.tokenizer import Tokenizer

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bench.checkpoint import LLAMA2_7B, TINY, write_random_checkpoint
+from bench.random_model import LLAMA2_7B, TINY, write_random_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT_7B = "/tmp/llama2-7b-random"

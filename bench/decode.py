@@ -4,7 +4,7 @@ transformers + bitsandbytes, in one run.
     python -m bench.decode --json out/bench/decode.json          # GPU: 7B shapes, 128 new tokens
     python -m bench.decode --tiny --json /tmp/decode.json        # the same code at test size, on the CPU
 
-Both sides load one random checkpoint (bench/checkpoint.py, written once and reused) in NF4 with
+Both sides load one random checkpoint (bench/random_model.py, written once and reused) in NF4 with
 double quantization and bf16 compute, and continue the same short prompt by exactly 128 tokens:
 ours with llama.generate.generate (no EOS stop), eager and, on a GPU, with the decode step replayed
 as a CUDA graph; the peer with generate(do_sample=False, max_new_tokens=128, min_new_tokens=128).
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.checkpoint import LLAMA2_7B, TINY, write_random_checkpoint
+from bench.random_model import LLAMA2_7B, TINY, write_random_checkpoint
 from bench.common import CHECKPOINT_7B, CHECKPOINT_TINY, load_ours, load_peer
 from qlora.atomic import write_text
 from qlora.trainer import pick_device

@@ -4,7 +4,7 @@
     python -m bench.load --tiny                   # the same code at test size (CPU: ours only)
     python -m bench.load --side ours --json f     # one side: what the parent runs per subprocess
 
-Both sides load one random Llama-2-7B-shaped checkpoint (bench/checkpoint.py, written once and
+Both sides load one random Llama-2-7B-shaped checkpoint (bench/random_model.py, written once and
 reused) in NF4 with double quantization and bf16 compute, each in its own process, so that
 torch.cuda.max_memory_allocated is that loader's own peak. Figures per side: load time, peak
 allocated GPU memory during the load, memory allocated once loaded (the resident model), and

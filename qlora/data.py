@@ -35,9 +35,9 @@ import numpy as np
 import torch
 
 from qlora.errors import read_text
+from qlora.loss import IGNORE_INDEX
 from qlora.sql_dataset import sql_rows
 
-IGNORE_INDEX = -100
 BUILTIN_SQL = "builtin:sql"
 
 CONTEXT_QA_PROMPT = ("SYSTEM: Use the following contextual information to concisely answer the question.\n\n"
