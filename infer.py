@@ -189,6 +189,8 @@ def run(argv=None) -> int:
             # A and B stored in the compute dtype: forward casts them to it anyway, now once, not every step.
             load_adapter(model, args.adapter, dtype=dtype)
         except ValueError as e:
+            if "does not fit this model" not in str(e):   # a damaged file, not the wrong base
+                raise
             raise ValueError(f"{e}; pass the --base it was trained on") from None
     model.eval()
     tokenizer = find_tokenizer(args, base)

@@ -68,6 +68,17 @@ def check_before_loading(cfg: TrainConfig) -> tuple[TrainConfig, tuple[Path, dic
     return cfg, resume
 
 
+def check_answers(data, cfg: TrainConfig) -> None:
+    """Blank answers teach only the end-of-sequence token: an error when all are, a warning when some are."""
+    if data.empty_answers and not cfg.train_on_inputs:
+        where = ", ".join(str(d["path"]) for d in cfg.datasets)
+        if data.empty_answers == data.rows:
+            raise ValueError(f"every answer in {where} is empty: training would learn only the end-of-sequence "
+                             "token; fill the answer/output fields (or set train_on_inputs: true)")
+        print(f"warning: {data.empty_answers} of the {data.rows} rows in {where} have an empty answer: they "
+              "teach only the end-of-sequence token", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     cfg, resume = check_before_loading(cfg)
@@ -104,9 +115,7 @@ def main(argv=None) -> int:
     data = prepare_data(cfg.datasets, tokenizer, cfg.sequence_len, cfg.val_set_size, cfg.seed,
                         cfg.train_on_inputs, cfg.sample_packing)
     print(data.summary())
-    if not cfg.train_on_inputs and data.train_label_tokens <= data.rows - len(data.val):
-        raise ValueError(f"every answer in {', '.join(str(d['path']) for d in cfg.datasets)} is empty: training "
-                         "would learn only the end-of-sequence token; fill the answer/output fields")
+    check_answers(data, cfg)
     pad_id, pad_to = pad_id_of(tokenizer), (cfg.sequence_len if cfg.pad_to_sequence_len else None)
     batches = Batches(data.train, cfg.micro_batch_size, cfg.seed, pad_id, pad_to)
 

@@ -235,6 +235,7 @@ class Data:
     truncated: int = 0            # rows (train + val) whose completion was cut at sequence_len
     train_tokens: int = 0         # real (non-pad) tokens in train
     train_label_tokens: int = 0   # tokens that carry a loss
+    empty_answers: int = 0        # rows whose completion is blank (only EOS left to learn)
 
     def summary(self) -> str:
         return (f"{self.rows} rows: {len(self.train)} train sequences, {len(self.val)} val; "
@@ -247,7 +248,7 @@ def prepare_data(datasets: list[dict], tokenizer, sequence_len: int, val_set_siz
     """datasets: [{path, type, data_files?}] -> train/val Examples (train packed if asked)."""
     if not datasets:
         raise ValueError("no datasets given: pass at least one {path, type} (e.g. builtin:sql)")
-    examples, rows, truncated = [], [], 0  # rows: (row, type), parallel to examples
+    examples, rows, truncated, empty = [], [], 0, 0  # rows: (row, type), parallel to examples
     for spec in datasets:
         kind = spec.get("type", "context_qa")
         check_type(kind)
@@ -256,12 +257,13 @@ def prepare_data(datasets: list[dict], tokenizer, sequence_len: int, val_set_siz
         examples += tokenized
         rows += [(row, kind) for row in loaded]
         truncated += cut
+        empty += sum(not format_row(row, kind)[1].strip() for row in loaded)
     train_ids, val_ids = split_train_val(list(range(len(examples))), val_set_size, seed)
     train, val = [examples[i] for i in train_ids], [examples[i] for i in val_ids]
     if sample_packing:
         train = pack(train, sequence_len)
     return Data(train=train, val=val, val_rows=[rows[i] for i in val_ids], rows=len(rows),
-                truncated=truncated, train_tokens=sum(len(e.input_ids) for e in train),
+                truncated=truncated, empty_answers=empty, train_tokens=sum(len(e.input_ids) for e in train),
                 train_label_tokens=sum(sum(l != IGNORE_INDEX for l in e.labels) for e in train))
 
 
