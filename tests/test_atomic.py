@@ -1,6 +1,8 @@
 """qlora/atomic.py: a write either completes or leaves the old file / directory as it was, and no
 temporary behind; directories are swapped so that the old one lasts until the new one is in place."""
 
+import os
+
 import pytest
 
 from qlora import atomic
@@ -87,3 +89,35 @@ def test_exchange_swaps_two_directories(tmp_path):
     if not atomic._exchange(a, b):
         pytest.skip("renameat2 RENAME_EXCHANGE is not available here")
     assert names(b) == ["from_a"] and names(a) == []
+
+
+def test_leftovers_of_dead_writers_are_removed_and_an_interrupted_swap_restored(tmp_path):
+    dead = 2**22 + 12345                                  # above the default pid_max: no such process
+    (tmp_path / f".metrics.jsonl.tmp-{dead}-0123abcd.jsonl").write_text("half")
+    (tmp_path / f".checkpoint-4.tmp-{dead}-89abcdef").mkdir()
+    (tmp_path / f".checkpoint-2.del-{dead}-00000000").mkdir()
+    (tmp_path / f".adapter.old-{dead}-11111111").mkdir()  # renamed aside, the new one never renamed in
+    (tmp_path / f".adapter.old-{dead}-11111111" / "w").write_text("last complete")
+    (tmp_path / f".loss.png.tmp-{os.getppid()}-22222222.png").write_text("live")
+    (tmp_path / "checkpoint-6").mkdir()
+    report = atomic.clean_leftovers(tmp_path)
+    assert len(report) == 5 and sum("removed" in line for line in report) == 3
+    assert names(tmp_path) == [f".loss.png.tmp-{os.getppid()}-22222222.png", "adapter", "checkpoint-6"]
+    assert (tmp_path / "adapter" / "w").read_text() == "last complete"
+
+
+def test_remove_dir_never_shows_a_half_deleted_directory(tmp_path, monkeypatch):
+    (tmp_path / "checkpoint-2").mkdir()
+    for name in "abc":
+        (tmp_path / "checkpoint-2" / name).write_text(name)
+
+    def crash(path, *a, **k):                             # killed mid-delete
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.shutil, "rmtree", crash)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.remove_dir(tmp_path / "checkpoint-2")
+    assert not (tmp_path / "checkpoint-2").exists()
+    monkeypatch.undo()
+    atomic.clean_leftovers(tmp_path)
+    assert names(tmp_path) == []

@@ -2,6 +2,7 @@
 atomic, bad input fails cleanly. References: the uninterrupted run's own loss curve, torch.load."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,46 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monk
     monkeypatch.setattr(train, "causal_lm_loss", loss_turning_nan)
     assert train.main(args(setup, tmp_path)) == 1
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-4"]
+
+
+def test_resume_skips_a_damaged_checkpoint_with_a_warning(setup, tmp_path, capsys):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train.main(args(setup, whole)) == 0
+    shutil.copytree(whole, parts)
+    state = parts / "checkpoint-8" / ckpt.STATE_FILE
+    state.write_bytes(state.read_bytes()[:1000])           # truncated after the save (power loss, a copy)
+    (parts / "metrics.jsonl").write_text("".join((whole / "metrics.jsonl").read_text().splitlines(True)[:4]))
+    capsys.readouterr()
+    assert train.main(args(setup, parts, resume_from_checkpoint="true")) == 0
+    err, out = capsys.readouterr()[::-1]
+    assert "warning: skipping checkpoint-8" in err and "truncated" in err
+    assert f"resumed from {parts / 'checkpoint-4'} at step 4" in out
+    assert losses(parts) == losses(whole)
+
+
+def test_a_changed_learning_rate_is_reported_and_applies_from_the_resumed_step(setup, tmp_path, capsys):
+    assert train.main(args(setup, tmp_path)) == 0
+    capsys.readouterr()
+    assert train.main(args(setup, tmp_path, learning_rate=1e-3,
+                           resume_from_checkpoint=tmp_path / "checkpoint-4")) == 0
+    err = capsys.readouterr().err
+    assert "warning: learning_rate is now 0.001 (the checkpoint's run had 0.003)" in err
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    # step 5 is schedule step 4: warm-up 2, cosine over 6 steps -> 0.5 * (1 + cos(pi / 3)) = 0.75
+    assert rows[4]["lr"] == pytest.approx(1e-3 * 0.75, rel=1e-12)
+
+
+def test_no_validation_set_logs_no_eval_loss(setup, tmp_path, capsys):
+    assert train.main(args(setup, tmp_path, val_set_size=0, max_steps=4)) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and not any("eval_loss" in r for r in rows)
+    assert " eval " not in capsys.readouterr().out
+
+
+def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(setup, tmp_path):
+    assert train.main(args(setup, tmp_path, max_steps=4)) == 0
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="resume_from_checkpoint true"):
+        train.main(args(setup, tmp_path, max_steps=4))
+    assert (tmp_path / "metrics.jsonl").read_text() == before
