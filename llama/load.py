@@ -1,4 +1,5 @@
-"""Load a Hugging Face Llama checkpoint (safetensors) into llama.model.Llama, optionally in NF4.
+"""Load a Hugging Face Llama checkpoint (safetensors) into llama.model.Llama, optionally in NF4;
+load_weights does the same for any architecture of this project (falcon/load.py uses it).
 
 Streaming, so that a 7B model quantizes on a GPU with little more memory than its 4-bit size:
 the model is built on the meta device (no memory), then each tensor is read from the memory-
@@ -20,7 +21,6 @@ from safetensors import safe_open
 
 from llama.model import Llama, LlamaConfig, rope_inv_freq
 from qlora.linear4bit import Linear4bit
-from qlora.lora import LINEAR_NAMES
 from qlora.nf4 import BLOCKSIZES, FLOAT_DTYPES, QuantState, dynamic_code, nf4_code, quantize_blockwise_8bit, quantize_nf4
 
 HUB_FILES = ["*.safetensors", "*.json", "tokenizer.model"]
@@ -34,40 +34,58 @@ def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat1
     load_in_4bit: the q/k/v/o/gate/up/down projections become Linear4bit (NF4, `blocksize`, double
     quantization) with compute dtype `dtype`; everything else is stored in `dtype`.
     """
+    directory = checkpoint_dir(path_or_repo_id)
+    config = LlamaConfig.from_hf(read_json(directory / "config.json"))
+    return load_weights(Llama, config, directory, device, dtype, load_in_4bit, blocksize, double_quant)
+
+
+def load_weights(model_class, config, directory: Path, device="cpu", dtype: torch.dtype = torch.bfloat16,
+                 load_in_4bit: bool = False, blocksize: int = 64, double_quant: bool = True) -> nn.Module:
+    """model_class(config) with the tensors of the safetensors files in `directory`, streamed.
+
+    Works for any model whose state_dict keys are the checkpoint's and whose class names its linear
+    layers in LINEAR_NAMES (llama.model.Llama, falcon.model.Falcon): those are quantized when
+    load_in_4bit; an lm_head tied to the embedding is not read from the file but tied again.
+    """
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported: use torch.bfloat16, torch.float16 or torch.float32")
     if load_in_4bit and blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize {blocksize} is not supported: use one of {BLOCKSIZES}")
-    directory = checkpoint_dir(path_or_repo_id)
-    config = LlamaConfig.from_hf(_read_json(directory / "config.json"))
     files = safetensors_files(directory)
     device = torch.device(device)
+    kind = model_class.__name__
 
     with torch.device("meta"):
-        model = Llama(config)                              # shapes only, no memory
+        model = model_class(config)                        # shapes only, no memory
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied lm_head counted once
+    # The embedding's name when lm_head is tied to it (model.embed_tokens / transformer.word_embeddings).
+    tied = next((name for name, p in model.named_parameters() if p is model.lm_head.weight), None)
+    tied = None if tied == "lm_head.weight" else tied
     loaded = set()
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name.endswith("rotary_emb.inv_freq"):   # a buffer old transformers versions saved
                     continue
-                if name == "lm_head.weight" and config.tie_word_embeddings:
+                if name == "lm_head.weight" and tied:
                     continue                               # tied: the head is the embedding
                 if name not in expected:
                     raise ValueError(f"unexpected tensor {name!r} in {file.name}: the checkpoint does not "
-                                     f"match a Llama with this config.json")
+                                     f"match a {kind} with this config.json")
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != expected[name]:
                     raise ValueError(f"tensor {name!r} in {file.name} has shape {shape} but config.json implies "
                                      f"{expected[name]}: the weights and config.json do not belong together")
                 module_name, _, attr = name.rpartition(".")
                 parent_name, _, child = module_name.rpartition(".")
-                if load_in_4bit and child in LINEAR_NAMES:
+                if load_in_4bit and child in model_class.LINEAR_NAMES and attr == "weight":
                     try:
                         layer = quantize_weight(f.get_tensor(name), device, dtype, blocksize, double_quant)
                     except ValueError as e:
                         raise ValueError(f"cannot quantize {name!r}: {e}") from e
+                    bias = model.get_submodule(module_name).bias  # a bias read before its weight moves over
+                    if bias is not None and not bias.is_meta:
+                        layer.bias = bias
                     setattr(model.get_submodule(parent_name), child, layer)
                 else:
                     tensor = f.get_tensor(name).to(device=device, dtype=dtype)
@@ -78,8 +96,8 @@ def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat1
     if missing:
         raise ValueError(f"{len(missing)} tensor(s) missing from the checkpoint in {directory}, e.g. {missing[0]!r}: "
                          f"the files are incomplete or belong to another config.json")
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    if tied:
+        model.lm_head.weight = model.get_parameter(tied)
     model.inv_freq = rope_inv_freq(config, device)         # the one buffer not in the checkpoint
     return model
 
@@ -116,6 +134,17 @@ def quantize_weight(weight: torch.Tensor, device, dtype: torch.dtype, blocksize:
     return Linear4bit(packed, state, compute_dtype=dtype)
 
 
+def quantize_linears(model: nn.Module, dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True) -> nn.Module:
+    """Replace every nn.Linear named in model.LINEAR_NAMES by its Linear4bit (bias kept), in place."""
+    for name, module in list(model.named_modules()):
+        parent, _, child = name.rpartition(".")
+        if child in model.LINEAR_NAMES and isinstance(module, nn.Linear):
+            layer = quantize_weight(module.weight, module.weight.device, dtype, blocksize, double_quant)
+            layer.bias = module.bias
+            setattr(model.get_submodule(parent), child, layer)
+    return model
+
+
 def resident_bytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters and buffers (tied weights counted once)."""
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -141,7 +170,7 @@ def safetensors_files(directory: Path) -> list[Path]:
     """The checkpoint's safetensors files: the shards named by the index, or model.safetensors."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
         for shard in shards:
             if not (directory / shard).is_file():
                 raise FileNotFoundError(f"shard {shard} named in {index.name} is missing from {directory}: "
@@ -157,7 +186,7 @@ def safetensors_files(directory: Path) -> list[Path]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} is missing from {path.parent}: a Hugging Face checkpoint needs it")
     try:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
-import torch.nn as nn
 
-from llama.load import LINEAR_NAMES, quantize_weight
+from llama.load import quantize_linears
 from llama.model import Llama, LlamaConfig
 
 
@@ -41,13 +40,7 @@ def random_llama(config_path: str | Path, device, dtype: torch.dtype, load_in_4b
                 std = config.hidden_size ** -0.5 if name == "lm_head.weight" else 0.02
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
     model = model.to(device=device, dtype=dtype).requires_grad_(False)
-    if load_in_4bit:
-        for layer in model.model.layers:
-            for holder in (layer.self_attn, layer.mlp):
-                for name in LINEAR_NAMES:
-                    if isinstance(getattr(holder, name, None), nn.Linear):
-                        setattr(holder, name, quantize_weight(getattr(holder, name).weight, device, dtype))
-    return model
+    return quantize_linears(model, dtype) if load_in_4bit else model
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_path: str | Path) -> Path:
