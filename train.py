@@ -1,7 +1,11 @@
-"""QLoRA fine-tuning of a Llama model, top to bottom: parse, load, loop, save.
+"""QLoRA fine-tuning of a Llama or Falcon model, top to bottom: parse, load, loop, save.
 
     python train.py                                     # demo: a small random Llama, built-in SQL data
+    python train.py --config configs/tiny-falcon.yml    # demo: a small random Falcon, built-in finance data
     python train.py --config configs/llama2-7b-sql.yml  # the real job (Llama-2-7B, know_sql)
+    python train.py --config configs/falcon-7b-finance.yml  # the second (Falcon-7B, finance-alpaca)
+
+The architecture comes from the base model's config.json ("model_type": llama or falcon).
 
 Any config key can be given on the command line too (`--learning_rate 1e-4`). The demo's model is
 randomly initialised: it shows that every piece runs and the loss falls, nothing more.
@@ -16,13 +20,15 @@ from pathlib import Path
 
 import torch
 
-from llama.load import checkpoint_dir, load_llama
-from llama.tokenizer import Tokenizer
+from falcon.load import load_model, model_class, random_model
+from falcon.model import Falcon
+from llama.load import checkpoint_dir, read_json
+from llama.tokenizer import load_tokenizer, train_bpe_tokenizer
 from qlora.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from qlora.config import TrainConfig, parse_args
 from qlora.data import Batches, batches_in_order, format_row, load_rows, pad_id_of, prepare_data
-from qlora.demo import random_llama, train_tokenizer
-from qlora.lora import apply_lora, save_adapter, trainable_summary
+from qlora.demo import train_tokenizer
+from qlora.lora import apply_lora, check_target_names, save_adapter, trainable_summary
 from qlora.loss import causal_lm_loss
 from qlora.paged_adamw import PagedAdamW
 
@@ -44,13 +50,19 @@ def pick_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.bf16 in (True, "auto") else torch.float32
 
 
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """warmup_steps, or warmup_ratio of the run (transformers' rule: rounded up)."""
+    return math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio else cfg.warmup_steps
+
+
 def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Linear warm-up to the peak learning rate, then cosine decay to 0 (or constant)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / (cfg.warmup_steps + 1)
+    warmup = warmup_steps(cfg, total_steps)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
     if cfg.lr_scheduler == "constant":
         return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    progress = (step - warmup) / max(1, total_steps - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -67,27 +79,35 @@ def main(argv=None) -> int:
     torch.manual_seed(cfg.seed)
     print(f"device {device}, compute dtype {dtype}, output {out}")
 
-    # ---- tokenizer and data
+    # ---- the architecture (config.json's model_type), checked against the LoRA targets before loading
     demo = cfg.base_model.endswith(".json")
+    hf_config = read_json(Path(cfg.base_model) if demo else checkpoint_dir(cfg.base_model) / "config.json")
+    architecture = model_class(hf_config)
+    check_target_names(cfg.lora_targets, architecture.LINEAR_NAMES)
+
+    # ---- tokenizer and data
     if cfg.tokenizer:
-        tokenizer_path = Path(cfg.tokenizer)
+        tokenizer = load_tokenizer(cfg.tokenizer)
     elif demo:  # the demo model has no tokenizer: train one on the dataset (once, kept in output_dir)
-        tokenizer_path = out / "tokenizer.model"
-        if not tokenizer_path.is_file():
-            texts = []
-            for spec in cfg.datasets:
-                texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in load_rows(spec["path"])]
-            vocab = json.loads(Path(cfg.base_model).read_text())["vocab_size"]
-            train_tokenizer(texts, vocab, tokenizer_path)
+        texts = []
+        for spec in cfg.datasets:
+            texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in load_rows(spec["path"])]
+        if architecture is Falcon:  # Falcon's kind: a byte-level BPE tokenizer.json
+            if not (out / "tokenizer.json").is_file():
+                train_bpe_tokenizer(texts, hf_config["vocab_size"], out)
+            tokenizer = load_tokenizer(out / "tokenizer.json")
+        else:                       # Llama's: sentencepiece
+            if not (out / "tokenizer.model").is_file():
+                train_tokenizer(texts, hf_config["vocab_size"], out / "tokenizer.model")
+            tokenizer = load_tokenizer(out / "tokenizer.model")
     else:
-        tokenizer_path = checkpoint_dir(cfg.base_model) / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise FileNotFoundError(f"tokenizer {tokenizer_path} not found: pass --tokenizer PATH/tokenizer.model")
-    tokenizer = Tokenizer(tokenizer_path)
+        tokenizer = load_tokenizer(checkpoint_dir(cfg.base_model))
+    if tokenizer.vocab_size > hf_config["vocab_size"]:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {hf_config['vocab_size']}: "
+                         "pass the --tokenizer that belongs to the base model")
     # Saved beside every adapter (PEFT ignores them): what infer.py needs to rebuild the prompt
     # format, the tokenizer and (for the demo) the random base.
-    adapter_extras = {"training_config.json": json.dumps(vars(cfg), indent=2).encode(),
-                      "tokenizer.model": tokenizer_path.read_bytes()}
+    adapter_extras = {"training_config.json": json.dumps(vars(cfg), indent=2).encode(), **tokenizer.files()}
     data = prepare_data(cfg.datasets, tokenizer, cfg.sequence_len, cfg.val_set_size, cfg.seed,
                         cfg.train_on_inputs, cfg.sample_packing)
     print(data.summary())
@@ -97,9 +117,9 @@ def main(argv=None) -> int:
     # ---- model: frozen (4-bit) base + LoRA adapters
     t0 = time.time()
     if demo:
-        model = random_llama(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed)
+        model = random_model(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed)
     else:
-        model = load_llama(cfg.base_model, device, dtype, cfg.load_in_4bit)
+        model = load_model(cfg.base_model, device, dtype, cfg.load_in_4bit)
     print(f"base model loaded in {time.time() - t0:.1f}s ({'NF4' if cfg.load_in_4bit else dtype} weights)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)

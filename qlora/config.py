@@ -21,7 +21,7 @@ class TrainConfig:
     # model
     base_model: str = DEFAULT_MODEL       # HF dir / hub id, or a config.json (random init demo)
     tokenizer: str = ""                   # tokenizer.model path; "" = the base model's own, or
-                                          # (demo) one trained on the dataset
+                                          # (demo) one trained on the dataset; or tokenizer.json
     load_in_4bit: bool = True
     adapter: str = "qlora"                # qlora (4-bit base) or lora (bf16/fp32 base)
     # data
@@ -43,6 +43,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_scheduler: str = "cosine"
     warmup_steps: int = 10
+    warmup_ratio: float = 0.0             # > 0: warm up over this fraction of the steps instead
     max_grad_norm: float = 1.0
     micro_batch_size: int = 8
     gradient_accumulation_steps: int = 1
@@ -134,7 +135,9 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
                  "logging_steps", "eval_steps", "save_steps"):
         if getattr(cfg, name) <= 0:
             bad(f"{name} must be > 0, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "max_steps", "weight_decay", "lora_dropout", "val_set_size", "max_grad_norm"):
+    if cfg.warmup_ratio >= 1:
+        bad(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    for name in ("warmup_ratio", "warmup_steps", "max_steps", "weight_decay", "lora_dropout", "val_set_size", "max_grad_norm"):
         if getattr(cfg, name) < 0:
             bad(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.lora_dropout < 1:
