@@ -102,6 +102,8 @@ def load_base(base: str, train_cfg: dict, device: torch.device, dtype: torch.dty
 def find_tokenizer(args, base: str):
     """--tokenizer, else the one train.py left beside the adapter, else the base checkpoint's."""
     if args.tokenizer:
+        if not Path(args.tokenizer).exists():
+            raise FileNotFoundError(f"no {' or '.join(TOKENIZER_FILES)} at {args.tokenizer}: pass --tokenizer PATH")
         return load_tokenizer(args.tokenizer)
     candidates = [Path(args.adapter)] if args.adapter else []
     if not base.endswith(".json"):
