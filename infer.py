@@ -4,6 +4,7 @@
                     --question "How many heads are older than 56?"          # streamed answer
     python infer.py --adapter out/demo/adapter --eval rows.jsonl            # exact match + runs on schema
     python infer.py --adapter out/demo/adapter --export merged/             # merged bf16 HF checkpoint
+    python infer.py --adapter out/demo/adapter --export merged4/ --4bit     # merged, NF4 (bitsandbytes format)
     python infer.py --base meta-llama/Llama-2-7b-hf --prompt "Hello"             # no adapter
     python infer.py --adapter out/tiny-falcon/adapter \
                     --instruction "How do I figure out how much money I need to retire?"   # alpaca format
@@ -17,23 +18,23 @@ there. A PEFT adapter without them works too; then pass --tokenizer if the base 
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from llama.generate import TextStream, generate
 import torch.nn as nn
 
-from falcon.load import load_model, random_model
-from llama.generate import TextStream, generate
-from llama.load import checkpoint_dir
+from falcon.load import load_base
+from llama.load import config_path, is_random_base, model_dir
 from llama.tokenizer import TOKENIZER_FILES, load_tokenizer
 from qlora.config import TrainConfig
 from qlora.data import check_rows, format_row, load_rows
-from qlora.lora import load_adapter, merged_state_dict, read_adapter_config, save_merged
+from qlora.adapter import load_adapter, merged_state_dict, read_adapter_config, save_merged
 from qlora.sql_eval import score
+from qlora.trainer import pick_device
 
 TRAINING_CONFIG = "training_config.json"
 
@@ -49,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge", action="store_true",
                    help="fold the adapter into dense weights before generating (W + s*BA, no LoRA step)")
     p.add_argument("--export", help="write the merged model as a Hugging Face safetensors checkpoint here")
+    p.add_argument("--4bit", dest="export_4bit", action="store_true",
+                   help="with --export: store the merged linear weights in NF4, in bitsandbytes' format "
+                        "(transformers + bitsandbytes load it; so does this project)")
     p.add_argument("--prompt", help="raw prompt text (no template); streamed")
     p.add_argument("--prompts", help="a file of raw prompts, one per line, generated in batches")
     p.add_argument("--context", default="", help="context_qa: the CREATE TABLE context")
@@ -83,20 +87,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError("nothing to do: pass --prompt, --prompts FILE, --context/--question, --instruction, "
                          "--interactive, --eval FILE or --export DIR")
     export = Path(args.export) if args.export else None
+    if args.export_4bit and not export:
+        raise ValueError("--4bit applies to --export: pass --export DIR too")
     if export and export.exists() and (not export.is_dir() or any(export.iterdir())):
         raise ValueError(f"--export {export} exists and is not an empty directory: choose a new one or remove it")
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.eval_limit < 0:
         raise ValueError(f"need --batch_size >= 1, --max_new_tokens >= 1, --eval_limit >= 0; got "
                          f"{args.batch_size}, {args.max_new_tokens}, {args.eval_limit}")
     return args
-
-
-def load_base(base: str, train_cfg: dict, device: torch.device, dtype: torch.dtype, load_in_4bit: bool) -> nn.Module:
-    if base.endswith(".json"):
-        # The demo's base: a random Llama or Falcon, rebuilt from the config and the seed training used.
-        seed = train_cfg.get("seed", TrainConfig().seed)
-        return random_model(base, device, dtype, load_in_4bit, seed)
-    return load_model(base, device, dtype, load_in_4bit)
 
 
 def find_tokenizer(args, base: str):
@@ -106,8 +104,8 @@ def find_tokenizer(args, base: str):
             raise FileNotFoundError(f"no {' or '.join(TOKENIZER_FILES)} at {args.tokenizer}: pass --tokenizer PATH")
         return load_tokenizer(args.tokenizer)
     candidates = [Path(args.adapter)] if args.adapter else []
-    if not base.endswith(".json"):
-        candidates.append(checkpoint_dir(base))
+    if not is_random_base(base):
+        candidates.append(model_dir(base))
     for directory in candidates:
         if any((directory / name).is_file() for name in TOKENIZER_FILES):
             return load_tokenizer(directory)
@@ -156,10 +154,7 @@ def main(argv=None) -> int:
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # fp32 is the fast CPU dtype
 
     # ---- the adapter's files: PEFT's config, and what train.py keeps beside it
@@ -201,7 +196,8 @@ def run(argv=None) -> int:
     # ---- load: base (NF4 unless --bf16 or trained on a 16-bit base), adapter, tokenizer
     t0 = time.time()
     load_in_4bit = not args.bf16 and train_cfg.get("load_in_4bit", True)
-    model = load_base(base, train_cfg, device, dtype, load_in_4bit)
+    # The demo's random base is rebuilt from its config.json and the seed training used.
+    model = load_base(base, device, dtype, load_in_4bit, train_cfg.get("seed", TrainConfig().seed))
     if args.adapter:
         try:
             # A and B stored in the compute dtype: forward casts them to it anyway, now once, not every step.
@@ -220,12 +216,10 @@ def run(argv=None) -> int:
     if args.export:
         if not args.adapter:
             raise ValueError("--export writes base + adapter merged: pass --adapter too")
-        config = json.loads((Path(base) if base.endswith(".json") else checkpoint_dir(base) / "config.json").read_text())
-        out = save_merged(model, config, args.export)     # into a temp dir, then renamed: never half-written
-        for name, data in tokenizer.files().items():      # the tokenizer too, so the dir is a whole checkpoint
-            tmp = out / (name + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, out / name)
+        config = json.loads(config_path(base).read_text())
+        # One atomic write (a temp dir, then renamed) of the weights and the tokenizer: a whole checkpoint or none.
+        out = save_merged(model, config, args.export, load_in_4bit=args.export_4bit,
+                          extra_files=tokenizer.files())
         print(f"merged model written to {out}", file=sys.stderr)
     if args.merge:
         model = merged_model(model)
@@ -235,11 +229,18 @@ def run(argv=None) -> int:
     new_tokens, seconds = 0, 0.0
 
     def complete(prompts: list[str], stream: bool = False) -> list[str]:
-        """Generated texts, a batch at a time; one prompt alone is printed as it is generated."""
+        """Generated texts, a batch at a time; one prompt alone is printed as it is generated.
+
+        Prompts are batched in order of length: generate() decodes a batch from its shortest prompt
+        on, feeding the longer prompts' own tokens meanwhile, so similar lengths waste fewest steps.
+        Each row's tokens are its batch-1 tokens (tests/test_generate.py); the texts return in order."""
         nonlocal new_tokens, seconds
-        texts = []
+        encoded = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        texts = [""] * len(prompts)
         for start in range(0, len(prompts), args.batch_size):
-            ids = [tokenizer.encode(p, bos=True, eos=False) for p in prompts[start:start + args.batch_size]]
+            rows = order[start:start + args.batch_size]
+            ids = [encoded[i] for i in rows]
             longest = max(len(i) for i in ids) + args.max_new_tokens
             if longest > model.config.max_position_embeddings:
                 raise ValueError(f"a prompt of {longest - args.max_new_tokens} tokens + --max_new_tokens "
@@ -254,7 +255,8 @@ def run(argv=None) -> int:
                            generator, on_token=on_token, cuda_graph=device.type == "cuda" and not args.eager)
             seconds += time.time() - t
             new_tokens += sum(len(o) for o in out)
-            texts += [tokenizer.decode(o).strip() for o in out]
+            for i, o in zip(rows, out):
+                texts[i] = tokenizer.decode(o).strip()
             if on_token is not None:
                 print(text_stream.flush(), flush=True)
         return texts

@@ -15,59 +15,22 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from falcon.load import load_model, model_class, random_model
+from falcon.load import load_base, model_class
 from falcon.model import Falcon
-from llama.load import checkpoint_dir, read_json
-from llama.tokenizer import load_tokenizer, train_bpe_tokenizer
+from llama.load import config_path, is_random_base, model_dir, read_json
+from llama.tokenizer import load_tokenizer, train_bpe_tokenizer, train_tokenizer
 from qlora.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from qlora.config import TrainConfig, parse_args
 from qlora.data import Batches, batches_in_order, format_row, load_rows, pad_id_of, prepare_data
-from qlora.demo import train_tokenizer
-from qlora.lora import apply_lora, check_target_names, save_adapter, trainable_summary
+from qlora.adapter import save_adapter
+from qlora.atomic import write_file, write_text
+from qlora.lora import apply_lora, check_target_names, trainable_summary
 from qlora.loss import causal_lm_loss
-from qlora.paged_adamw import PagedAdamW
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def pick_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    """The compute dtype: bf16 on GPUs that have it, fp16 if asked, fp32 on the CPU (faster there)."""
-    if device.type != "cuda":
-        return torch.float32
-    if cfg.fp16 or (cfg.bf16 == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    if cfg.bf16 is True and not torch.cuda.is_bf16_supported():
-        raise ValueError("bf16: true but this GPU has no bf16: set fp16: true")
-    return torch.bfloat16 if cfg.bf16 in (True, "auto") else torch.float32
-
-
-def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
-    """warmup_steps, or warmup_ratio of the run (transformers' rule: rounded up)."""
-    return math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio else cfg.warmup_steps
-
-
-def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warm-up to the peak learning rate, then cosine decay to 0 (or constant)."""
-    warmup = warmup_steps(cfg, total_steps)
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if cfg.lr_scheduler == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def memory_gib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+from qlora.trainer import make_optimizer, memory_gib, mixed_precision, optimizer_step, pick_device, pick_dtype
 
 
 def main(argv=None) -> int:
@@ -80,28 +43,27 @@ def main(argv=None) -> int:
     print(f"device {device}, compute dtype {dtype}, output {out}")
 
     # ---- the architecture (config.json's model_type), checked against the LoRA targets before loading
-    demo = cfg.base_model.endswith(".json")
-    hf_config = read_json(Path(cfg.base_model) if demo else checkpoint_dir(cfg.base_model) / "config.json")
+    hf_config = read_json(config_path(cfg.base_model))
     architecture = model_class(hf_config)
     check_target_names(cfg.lora_targets, architecture.LINEAR_NAMES)
 
     # ---- tokenizer and data
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
-    elif demo:  # the demo model has no tokenizer: train one on the dataset (once, kept in output_dir)
+    elif is_random_base(cfg.base_model):  # the demo model has no tokenizer: train one on the dataset (once, kept in output_dir)
         texts = []
         for spec in cfg.datasets:
             texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in load_rows(spec["path"])]
-        if architecture is Falcon:  # Falcon's kind: a byte-level BPE tokenizer.json
+        if architecture is Falcon:        # Falcon's kind: a byte-level BPE tokenizer.json
             if not (out / "tokenizer.json").is_file():
                 train_bpe_tokenizer(texts, hf_config["vocab_size"], out)
             tokenizer = load_tokenizer(out / "tokenizer.json")
-        else:                       # Llama's: sentencepiece
+        else:                             # Llama's: sentencepiece
             if not (out / "tokenizer.model").is_file():
                 train_tokenizer(texts, hf_config["vocab_size"], out / "tokenizer.model")
             tokenizer = load_tokenizer(out / "tokenizer.model")
     else:
-        tokenizer = load_tokenizer(checkpoint_dir(cfg.base_model))
+        tokenizer = load_tokenizer(model_dir(cfg.base_model))
     if tokenizer.vocab_size > hf_config["vocab_size"]:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {hf_config['vocab_size']}: "
                          "pass the --tokenizer that belongs to the base model")
@@ -116,22 +78,16 @@ def main(argv=None) -> int:
 
     # ---- model: frozen (4-bit) base + LoRA adapters
     t0 = time.time()
-    if demo:
-        model = random_model(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed)
-    else:
-        model = load_model(cfg.base_model, device, dtype, cfg.load_in_4bit)
+    model = load_base(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed)
     print(f"base model loaded in {time.time() - t0:.1f}s ({'NF4' if cfg.load_in_4bit else dtype} weights)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
     print(trainable_summary(model))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = PagedAdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                           paged=cfg.optimizer == "paged_adamw_32bit")
     steps_per_epoch = math.ceil(len(batches) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    optimizer, scheduler = make_optimizer(params, cfg, total_steps)
+    autocast, scaler = mixed_precision(device, dtype)
 
     # ---- resume
     step = 0
@@ -173,7 +129,7 @@ def main(argv=None) -> int:
     metrics_path = out / "metrics.jsonl"
     kept = [line for line in (metrics_path.read_text().splitlines() if resume and metrics_path.exists() else [])
             if json.loads(line)["step"] <= step]
-    metrics_path.write_text("".join(line + "\n" for line in kept))
+    write_text(metrics_path, "".join(line + "\n" for line in kept))
     metrics = open(metrics_path, "a")
     model.train()
     last_saved = resume
@@ -227,18 +183,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def optimizer_step(optimizer, scaler, scheduler, params, max_grad_norm: float) -> tuple[float, float]:
-    """Unscale (fp16), clip the grad norm, step, zero the grads, advance the schedule -> (grad norm, lr)."""
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    lr = scheduler.get_last_lr()[0]
-    scheduler.step()
-    return grad_norm, lr
-
-
 def plot_loss(out: Path) -> None:
     """loss.png from metrics.jsonl, if matplotlib is installed (pip install -e '.[plot]')."""
     try:
@@ -254,9 +198,7 @@ def plot_loss(out: Path) -> None:
     evals = [r for r in rows if "eval_loss" in r]
     ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
     ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend()
-    tmp = out / "loss.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(out / "loss.png")
+    write_file(out / "loss.png", lambda tmp: fig.savefig(tmp, dpi=100))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ transformers + bitsandbytes, in one run.
     python -m bench.decode --json out/bench/decode.json          # GPU: 7B shapes, 128 new tokens
     python -m bench.decode --tiny --json /tmp/decode.json        # the same code at test size, on the CPU
 
-Both sides load one random checkpoint (bench/checkpoint.py, written once and reused) in NF4 with
+Both sides load one random checkpoint (bench/random_model.py, written once and reused) in NF4 with
 double quantization and bf16 compute, and continue the same short prompt by exactly 128 tokens:
 ours with llama.generate.generate (no EOS stop), eager and, on a GPU, with the decode step replayed
 as a CUDA graph; the peer with generate(do_sample=False, max_new_tokens=128, min_new_tokens=128).
@@ -23,8 +23,10 @@ from pathlib import Path
 
 import torch
 
-from bench.checkpoint import LLAMA2_7B, TINY, write_random_checkpoint
-from bench.load import CHECKPOINT_7B, CHECKPOINT_TINY, load_ours, load_peer, pick_device
+from bench.random_model import LLAMA2_7B, TINY, write_random_checkpoint
+from bench.common import CHECKPOINT_7B, CHECKPOINT_TINY, load_ours, load_peer
+from qlora.atomic import write_text
+from qlora.trainer import pick_device
 
 
 def sync(device: torch.device) -> None:
@@ -147,11 +149,10 @@ def main(argv=None) -> None:
         results["ours_graph"]["equals_eager"] = same
         print(f"CUDA-graph tokens == eager tokens: {same}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         details = {"device": str(device), "checkpoint": str(path), "shape": shape, "prompt": prompt,
                    "new_tokens": args.new_tokens, "repeats": args.repeats, "peer_reference_h100_tokens_per_s": 12.6,
                    "results": results}
-        Path(args.json).write_text(json.dumps(details, indent=2) + "\n")
+        write_text(args.json, json.dumps(details, indent=2) + "\n")
         print(f"details in {args.json}")
 
 

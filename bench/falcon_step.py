@@ -34,13 +34,13 @@ import json
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from bench.decode import timed_runs
-from bench.load import REPO, measure_load, pick_device, ratio, run_side_subprocess, size, versions
+from bench.common import REPO, measure_load, ratio, run_side_subprocess, size, versions
+from qlora.trainer import pick_device
 
 FALCON_7B = dict(hidden_size=4544, num_attention_heads=71, num_hidden_layers=32, vocab_size=65024,
                  multi_query=True, parallel_attn=True, new_decoder_architecture=False, bias=False, alibi=False,
@@ -124,12 +124,11 @@ def load_peer(path, device: torch.device, dtype: torch.dtype):
 
 def build_ours(path, r: dict, device, dtype):
     """train.py's model, optimizer and step -> (model, step(ids, labels) -> loss, info)."""
-    import train
     from falcon.load import load_falcon
     from qlora.config import TrainConfig
     from qlora.lora import apply_lora, count_parameters
     from qlora.loss import causal_lm_loss
-    from qlora.paged_adamw import PagedAdamW
+    from qlora.trainer import make_optimizer, mixed_precision, optimizer_step
 
     cfg = TrainConfig(base_model=str(path), lora_r=r["lora_r"], lora_alpha=r["lora_alpha"],
                       lora_dropout=r["lora_dropout"], lora_target_linear=False, lora_target_modules=TARGETS,
@@ -140,17 +139,15 @@ def build_ours(path, r: dict, device, dtype):
     torch.manual_seed(r["seed"])
     apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = PagedAdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, paged=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda st: 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    optimizer, scheduler = make_optimizer(params, cfg, r["warmup_steps"] + r["timed_steps"] + 1)
+    autocast, scaler = mixed_precision(device, dtype)
 
     def step(input_ids, labels) -> float:
         with autocast:
             loss = causal_lm_loss(model(input_ids, return_hidden=True), model.lm_head.weight, labels)
         scaler.scale(loss).backward()
         value = loss.item()
-        train.optimizer_step(optimizer, scaler, scheduler, params, cfg.max_grad_norm)
+        optimizer_step(optimizer, scaler, scheduler, params, cfg.max_grad_norm)
         return value
 
     trainable, total = count_parameters(model)

@@ -24,6 +24,7 @@ import triton
 from triton.testing import do_bench
 
 from kernels import NF4Matmul, dequantize_nf4_triton, gemv_nf4, matmul_nf4, matmul_nf4_grad
+from qlora.atomic import write_text
 from qlora.nf4 import QuantState, dequantize_nf4
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]   # [out, in]
@@ -148,10 +149,7 @@ def main() -> None:
             traceback.print_exc()
         torch.cuda.empty_cache()
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump({"info": info, "rows": rows}, f, indent=1)
-        import os
-        os.replace(args.json + ".tmp", args.json)
+        write_text(args.json, json.dumps({"info": info, "rows": rows}, indent=1))
 
     print(f"\ncopy {info['copy_TBps']:.2f} TB/s, bf16 matmul 8192^3 {info['matmul_bf16_8192_TFLOPs']:.0f} TFLOP/s")
     print("| weight | dequant us (TB/s) | bnb dequant us (TB/s) | "

@@ -5,9 +5,9 @@ device, one tensor at a time from the memory-mapped safetensors shards, the four
 quantized on the device as they arrive); only the config differs. Pickle-only checkpoints are
 refused there, as for Llama.
 
-Because falcon/ builds on llama/, the two functions that choose between the architectures from
-config.json's "model_type" live here: load_model (a checkpoint) and random_model (a config.json
-alone, the demo's randomly initialised base).
+Because falcon/ builds on llama/, the functions that choose between the architectures from
+config.json's "model_type" live here: load_model (a checkpoint) and load_base (a checkpoint, or a
+config.json alone: the demo's randomly initialised base), which train.py and infer.py call.
 """
 
 from pathlib import Path
@@ -16,9 +16,8 @@ import torch
 import torch.nn as nn
 
 from falcon.model import Falcon, FalconConfig
-from llama.load import checkpoint_dir, load_llama, load_weights, quantize_linears, read_json
+from llama.load import config_path, is_random_base, load_llama, load_weights, model_dir, quantize_linears, random_llama, read_json
 from llama.model import Llama
-from qlora.demo import random_llama
 
 ARCHITECTURES = {"llama": Llama, "falcon": Falcon}   # config.json's model_type -> the model class
 
@@ -31,9 +30,8 @@ def load_falcon(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat
     double quantization) computing in `dtype`; embeddings (= the tied lm_head) and LayerNorms stay in
     `dtype`, as with transformers + bitsandbytes.
     """
-    directory = checkpoint_dir(path_or_repo_id)
-    config = FalconConfig.from_hf(read_json(directory / "config.json"))
-    return load_weights(Falcon, config, directory, device, dtype, load_in_4bit, blocksize, double_quant)
+    directory = model_dir(path_or_repo_id)
+    return load_weights(Falcon, FalconConfig.from_hf, directory, device, dtype, load_in_4bit, blocksize, double_quant)
 
 
 def model_class(hf_config: dict) -> type[nn.Module]:
@@ -48,7 +46,7 @@ def model_class(hf_config: dict) -> type[nn.Module]:
 def load_model(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat16, load_in_4bit: bool = False,
                blocksize: int = 64, double_quant: bool = True) -> nn.Module:
     """load_llama or load_falcon, as the checkpoint's config.json says."""
-    directory = checkpoint_dir(path_or_repo_id)
+    directory = model_dir(path_or_repo_id)
     load = load_falcon if model_class(read_json(directory / "config.json")) is Falcon else load_llama
     return load(directory, device, dtype, load_in_4bit, blocksize, double_quant)
 
@@ -56,7 +54,7 @@ def load_model(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat1
 def random_falcon(config_path: str | Path, device, dtype: torch.dtype, load_in_4bit: bool, seed: int = 0) -> Falcon:
     """A Falcon with N(0, 0.02) weights (as HF initialises them), LayerNorms 1 / 0, frozen, NF4 if asked.
 
-    The output head gets N(0, 1/hidden_size) for the reason qlora/demo.py's random_llama gives; tied
+    The output head gets N(0, 1/hidden_size) for the reason llama.load.random_llama gives; tied
     (as Falcon's is), that is the embedding too, which the first LayerNorm rescales anyway.
     """
     config = FalconConfig.from_hf(read_json(Path(config_path)))
@@ -75,11 +73,14 @@ def random_falcon(config_path: str | Path, device, dtype: torch.dtype, load_in_4
     return quantize_linears(model, dtype) if load_in_4bit else model
 
 
-def random_model(config_path: str | Path, device, dtype: torch.dtype, load_in_4bit: bool, seed: int = 0) -> nn.Module:
-    """random_llama or random_falcon, as the config.json's model_type says."""
-    path = Path(config_path)
-    if not path.is_file():
+def load_base(base_model, device, dtype: torch.dtype, load_in_4bit: bool, seed: int) -> nn.Module:
+    """The frozen base model of train.py and infer.py, Llama or Falcon as its config.json says: a
+    checkpoint through load_model, or for a config.json the demo's random model drawn with `seed`."""
+    path = config_path(base_model)
+    if is_random_base(base_model) and not path.is_file():
         raise FileNotFoundError(f"model config {path} not found: pass a checkpoint directory, a hub id "
                                 "or a config.json")
+    if not is_random_base(base_model):
+        return load_model(base_model, device, dtype, load_in_4bit)
     make = random_falcon if model_class(read_json(path)) is Falcon else random_llama
     return make(path, device, dtype, load_in_4bit, seed)

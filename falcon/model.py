@@ -30,8 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kernels.common import use_kernel
 from kernels.rope import ROPE_DTYPES, apply_rope_qk
-from llama.model import KVCache, apply_rope, cache_inputs, rope_cos_sin, rope_inv_freq, use_fused
+from llama.model import KVCache, apply_rope, cache_inputs, rope_cos_sin, rope_inv_freq
 
 
 # ----------------------------------------------------------------------------- config
@@ -152,7 +153,7 @@ class Attention(nn.Module):
         q = qkv[:, :, :, :g].reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = qkv[:, :, :, g].transpose(1, 2)                                               # (B, nkv, T, hd)
         v = qkv[:, :, :, g + 1].transpose(1, 2)                                           # (B, nkv, T, hd)
-        if use_fused(q, ROPE_DTYPES) and q.dtype == k.dtype == cos.dtype == sin.dtype:
+        if use_kernel(q, ROPE_DTYPES, cuda_only=True) and q.dtype == k.dtype == cos.dtype == sin.dtype:
             q, k = apply_rope_qk(q, k, cos, sin)                                          # one kernel, same bits
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

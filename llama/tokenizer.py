@@ -7,10 +7,13 @@ do not). BOS/EOS are added only through the `bos` / `eos` flags.
 """
 
 import json
-import os
+import tempfile
 from pathlib import Path
 
+import sentencepiece as spm
 from sentencepiece import SentencePieceProcessor
+
+from qlora.atomic import write_bytes, write_text
 
 
 class Tokenizer:
@@ -47,6 +50,20 @@ class Tokenizer:
     def files(self) -> dict[str, bytes]:
         """The file that makes this tokenizer, to copy beside an adapter or an exported model."""
         return {"tokenizer.model": self.sp.serialized_model_proto()}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_path: str | Path) -> Path:
+    """Train a BPE sentencepiece model on `texts` with Llama's special ids (unk 0, bos 1, eos 2)."""
+    out_path = Path(out_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text("\n".join(t.replace("\n", " ") for t in texts))
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(Path(tmp) / "tok"), vocab_size=vocab_size,
+            model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
+            character_coverage=1.0, num_threads=2, minloglevel=2)
+        write_bytes(out_path, (Path(tmp) / "tok.model").read_bytes())
+    return out_path
 
 
 # ----------------------------------------------------------------------------- byte-level BPE (tokenizer.json)
@@ -147,8 +164,6 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, out_dir) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = {"eos_token": ENDOFTEXT, "tokenizer_class": "PreTrainedTokenizerFast", "add_prefix_space": False}
-    for name, text in (("tokenizer_config.json", json.dumps(config, indent=2) + "\n"), ("tokenizer.json", tk.to_str())):
-        tmp = out_dir / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
+    write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    write_text(out_dir / "tokenizer.json", tk.to_str())
     return out_dir / "tokenizer.json"

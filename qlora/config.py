@@ -5,6 +5,7 @@ other keys are reported in one warning and ignored. Contradictory keys are an er
 """
 
 import argparse
+import copy
 import dataclasses
 import sys
 import warnings
@@ -16,50 +17,60 @@ import yaml
 DEFAULT_MODEL = "configs/tiny-llama.json"  # a small randomly initialised Llama, for the demo
 
 
+def option(default, help: str):
+    """A TrainConfig field: its default and the one-line meaning that `train.py --help` prints."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # model
-    base_model: str = DEFAULT_MODEL       # HF dir / hub id, or a config.json (random init demo)
-    tokenizer: str = ""                   # tokenizer.model path; "" = the base model's own, or
-                                          # (demo) one trained on the dataset; or tokenizer.json
-    load_in_4bit: bool = True
-    adapter: str = "qlora"                # qlora (4-bit base) or lora (bf16/fp32 base)
+    base_model: str = option(DEFAULT_MODEL, "HF checkpoint dir or hub id (Llama or Falcon, by its config.json's "
+                                            "model_type); or a config.json: a random model (the demo)")
+    tokenizer: str = option("", "tokenizer.model or tokenizer.json path; empty: the base model's own, or (demo) "
+                                "one trained on the data")
+    load_in_4bit: bool = option(True, "store the frozen base in NF4 with double quantization (QLoRA)")
+    adapter: str = option("qlora", "qlora (4-bit base) or lora (bf16/fp32 base)")
     # data
-    datasets: list = field(default_factory=lambda: [{"path": "builtin:sql", "type": "context_qa"}])
-    val_set_size: float = 0.05            # a fraction (< 1) or a number of rows (>= 1)
-    sequence_len: int = 256
-    pad_to_sequence_len: bool = False
-    sample_packing: bool = False
-    train_on_inputs: bool = False
+    datasets: list = option([{"path": "builtin:sql", "type": "context_qa"}],
+                            "rows to train on: [{path, type}]; on the command line PATH or PATH:alpaca")
+    val_set_size: float = option(0.05, "held-out rows for eval: a fraction (< 1) or a number of rows (>= 1)")
+    sequence_len: int = option(256, "tokens per training sequence; longer rows are cut")
+    pad_to_sequence_len: bool = option(False, "pad every batch to sequence_len (fixed shapes)")
+    sample_packing: bool = option(False, "pack several rows into one sequence")
+    train_on_inputs: bool = option(False, "take the loss on the prompt too, not only on the completion")
     # LoRA (paper eq. 5-6)
-    lora_r: int = 16
-    lora_alpha: float = 32
-    lora_dropout: float = 0.05
-    lora_target_linear: bool = True       # all linear layers but lm_head
-    lora_target_modules: list = field(default_factory=list)
+    lora_r: int = option(16, "LoRA rank r")
+    lora_alpha: float = option(32, "LoRA alpha: the update is scaled by alpha / r")
+    lora_dropout: float = option(0.05, "dropout on the adapter's input")
+    lora_target_linear: bool = option(True, "adapt all linear layers but lm_head")
+    lora_target_modules: list = option([], "or adapt these (Llama: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                                           "down_proj; Falcon: query_key_value, dense, dense_h_to_4h, dense_4h_to_h)")
     # optimisation
-    optimizer: str = "paged_adamw_32bit"  # or adamw_torch
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = 10
-    warmup_ratio: float = 0.0             # > 0: warm up over this fraction of the steps instead
-    max_grad_norm: float = 1.0
-    micro_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    num_epochs: float = 1.0
-    max_steps: int = 120                  # 0 = run num_epochs
-    bf16: str | bool = "auto"             # auto: bf16 where the GPU supports it
-    fp16: bool = False
-    gradient_checkpointing: bool = False
+    optimizer: str = option("paged_adamw_32bit", "paged_adamw_32bit (state in CUDA managed memory) or adamw_torch")
+    learning_rate: float = option(1e-3, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    lr_scheduler: str = option("cosine", "cosine (decay to 0 after warm-up) or constant")
+    warmup_steps: int = option(10, "optimizer steps of linear warm-up")
+    warmup_ratio: float = option(0.0, "if > 0: warm up over this fraction of the steps instead (rounded up)")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this")
+    micro_batch_size: int = option(8, "sequences per forward/backward")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    num_epochs: float = option(1.0, "passes over the training rows (when max_steps is 0)")
+    max_steps: int = option(120, "optimizer steps to run; 0: run num_epochs")
+    bf16: str | bool = option("auto", "bf16 compute: true, false or auto (where the GPU supports it)")
+    fp16: bool = option(False, "fp16 compute with loss scaling instead")
+    gradient_checkpointing: bool = option(False, "recompute each block's activations in backward (less memory)")
     # bookkeeping
-    output_dir: str = "out/demo"
-    logging_steps: int = 10
-    eval_steps: int = 40
-    save_steps: int = 60
-    resume_from_checkpoint: str | bool = False  # a checkpoint dir, or True for the latest
-    seed: int = 42
-    device: str = "auto"
+    output_dir: str = option("out/demo", "where metrics, checkpoints and the adapter go")
+    logging_steps: int = option(10, "print a line every this many steps")
+    eval_steps: int = option(40, "evaluate on the held-out rows every this many steps")
+    save_steps: int = option(60, "write a checkpoint every this many steps")
+    resume_from_checkpoint: str | bool = option(False, "a checkpoint-N directory, or true for the latest in output_dir")
+    seed: int = option(42, "seed of the data order, LoRA init, dropout and (demo) the random base")
+    device: str = option("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
 
     @property
     def lora_targets(self) -> list[str] | str:
@@ -188,10 +199,13 @@ def load_yaml(path: str | Path) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """`--config FILE` plus `--key value` for any TrainConfig field (command line wins)."""
-    parser = argparse.ArgumentParser(description="QLoRA fine-tuning of a Llama model")
+    parser = argparse.ArgumentParser(description="QLoRA fine-tuning of a Llama or Falcon model. Every key below can "
+                                     "also be set in the --config file; the command line wins.")
     parser.add_argument("--config", help="a YAML file (axolotl-style keys)")
+    defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{f.name}", default=None, help=argparse.SUPPRESS)
+        meaning = f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})"
+        parser.add_argument(f"--{f.name}", default=None, metavar="V", help=meaning.replace("%", "%%"))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     values = load_yaml(args.config) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})

@@ -27,19 +27,17 @@ usual cheap packing; it changes what the model sees, so it is off by default.
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from qlora.loss import IGNORE_INDEX
 from qlora.finance_dataset import finance_rows
 from qlora.sql_dataset import sql_rows
 
-IGNORE_INDEX = -100
 BUILTIN_SQL = "builtin:sql"
 BUILTIN_FINANCE = "builtin:finance"    # alpaca rows of qlora/finance_dataset.py, finance-alpaca's stand-in
 
@@ -150,21 +148,6 @@ def load_rows(path: str, data_files: list[str] | None = None) -> list[dict]:
         raise FileNotFoundError(f"dataset {path!r} not found: pass a JSON/JSONL file, a hub dataset id "
                                 f"(owner/name), {BUILTIN_SQL} or {BUILTIN_FINANCE}")
     return [row for f in files for row in _read_json_file(f)]
-
-
-def write_jsonl(rows: list[dict], path: str | Path) -> None:
-    """Write rows as JSON lines, to a temporary name first and then renamed (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def split_train_val(items: list, val_set_size: float, seed: int) -> tuple[list, list]:

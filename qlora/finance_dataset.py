@@ -15,6 +15,8 @@ them against the formulas).
 import argparse
 import random
 
+from qlora.sql_dataset import write_jsonl
+
 DEFAULT_ROWS = 2000
 
 TERMS = {
@@ -140,8 +142,6 @@ def finance_rows(n: int = DEFAULT_ROWS, seed: int = 0) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from qlora.data import write_jsonl
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=DEFAULT_ROWS)
     p.add_argument("--seed", type=int, default=0)

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from transformers import FalconForCausalLM
 
 from conftest import FALCON_VARIANTS, TINY_FALCON
-from falcon.load import load_falcon, load_model, model_class, random_model
+from falcon.load import load_base, load_falcon, load_model, model_class
 from falcon.model import Falcon, FalconConfig
 from llama.generate import generate
 from llama.model import Llama
 from qlora.linear4bit import Linear4bit
-from qlora.lora import apply_lora, load_adapter, lora_layers, save_adapter, save_merged
+from qlora.adapter import load_adapter, save_adapter, save_merged
+from qlora.lora import apply_lora, lora_layers
 from test_kernels import assert_within, error_bound, interpreted, nf4_weight, randn
 
 peft = pytest.importorskip("peft")
@@ -175,7 +176,7 @@ def test_pickle_only_falcon_checkpoint_is_refused(tiny_falcon):
 def test_random_model_builds_the_demo_falcon(tmp_path):
     config = {**FALCON_7B, "hidden_size": 48, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 64}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    model = random_model(tmp_path / "config.json", "cpu", torch.float32, load_in_4bit=True, seed=3)
+    model = load_base(tmp_path / "config.json", "cpu", torch.float32, load_in_4bit=True, seed=3)
     assert isinstance(model, Falcon)
     assert {n.rsplit(".", 1)[1] for n, m in model.named_modules() if isinstance(m, Linear4bit)} == set(FOUR)
     ln = model.transformer.h[0].input_layernorm
@@ -428,7 +429,7 @@ def test_4bit_falcon_forward_through_the_kernels_matches_the_reference(tiny_falc
 def test_train_and_infer_on_a_tiny_random_falcon(tmp_path, capsys):
     import infer
     import train
-    from qlora.data import write_jsonl
+    from qlora.sql_dataset import write_jsonl
     from qlora.finance_dataset import finance_rows
 
     config = {**FALCON_7B, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 384,
