@@ -1,10 +1,23 @@
 """Decode-time GEMV in Triton: y = x @ W^T for 1-16 rows of x, W in NF4, reading W once.
 
 Reference: F.linear(x, dequantize_nf4(packed, state).to(x.dtype)). With so few rows the product is
-bound by reading W, so the kernel streams the 4-bit bytes (0.5 byte/weight plus 1/64 byte of absmax
-code) and never writes a bf16 copy of W. A dequantized weight stays in fp32 and meets every row of
-x before the next tile is read; it is not rounded to bf16 first, so the result is at least as close
-to the exact product as the reference's.
+bound by reading W: 0.5 byte per weight plus 1/64 byte of absmax code. Each program owns BLOCK_N rows
+of W and walks along K, BLOCK_K weights per row at a time; every packed byte is loaded once, in
+16-byte vectors, decoded in registers and used for all rows of x before the next tile.
+
+Two inner products, picked by the number of rows of x (FMA_ROWS):
+* few rows (the FMA kernel): the 4-bit codes become their fp32 NF4 levels and meet each row of x in
+  fp32 fused multiply-adds; the absmax of a 64-block multiplies the block's partial sum once
+  (sum_k code[q_k] x_k absmax = absmax sum_k code[q_k] x_k). W is never rounded, so the result is
+  at least as close to the exact product as the reference's.
+* more rows (the dot kernel): fp32 FMAs would cost 16 per weight at 16 rows, past what the chip's
+  fp32 units deliver at full bandwidth, so W is decoded to x's dtype (code[q] * absmax in fp32,
+  rounded once: the reference's weight, bit for bit) and multiplied on the tensor cores (tl.dot,
+  fp32 accumulation) with x padded to 16 rows.
+
+Byte i of a row holds weights 2i (high nibble) and 2i + 1 (low nibble), so both kernels keep the two
+halves apart: the even weights meet x[2i], the odd ones x[2i + 1], read together as one int32 of x
+viewed in pairs. No interleave is needed.
 """
 
 import torch
@@ -15,70 +28,137 @@ from kernels.dequant import INTERPRET, KERNEL_DTYPES, decode_absmax, kernel_args
 from qlora.nf4 import QuantState
 
 MAX_ROWS = 16
+FMA_ROWS = 4            # rows of x up to which the fp32 FMA kernel runs; more take the tensor cores
 
-# A program owns BLOCK_N rows of W and walks along K, BLOCK_K values (BLOCK_K / 2 bytes) per row at
-# a time. Few rows per program and long strips keep many programs, and many bytes, in flight.
-CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-           for bn, bk, w in [(8, 1024, 4), (4, 1024, 4), (16, 512, 4), (8, 512, 2), (4, 2048, 8)]]
-# The interpreter's cost grows with programs x tiles x rows of x, so it gets wider programs; the tile
-# is still smaller than the test shapes, which leaves partial tiles in both N and K.
-INTERPRET_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 128})]
+# BLOCK_K weights of BLOCK_N rows per tile: each of the 32 * num_warps threads loads 16-64 bytes.
+FMA_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+               for bn, bk, w in [(2, 4096, 4), (4, 2048, 4), (4, 4096, 8), (8, 1024, 4), (2, 2048, 2)]]
+DOT_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+               for bn, bk, w in [(16, 1024, 4), (32, 512, 4), (16, 2048, 4), (32, 1024, 8)]]
+# The interpreter's cost grows with programs x tiles x rows of x, so it gets wide tiles that are
+# still smaller than the test shapes: partial tiles in both N and K.
+INTERPRET_FMA_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 256})]
+INTERPRET_DOT_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 256})]
 
 
 @triton.jit
-def _load_tile(packed_ptr, absmax_ptr, rows, k0, N, K,
-               BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Packed bytes (BLOCK_N, BLOCK_K / 2) and raw absmax (BLOCK_N, groups) of W[rows, k0:k0 + BLOCK_K]."""
-    HALF: tl.constexpr = BLOCK_K // 2
-    GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCKSIZE < BLOCK_K else 1
-    cols = k0 // 2 + tl.arange(0, HALF)                                        # (HALF,) byte columns
-    mask = (rows < N)[:, None] & (cols < K // 2)[None, :]
-    packed = tl.load(packed_ptr + rows[:, None].to(tl.int64) * (K // 2) + cols[None, :], mask=mask, other=0)
-    # K % BLOCKSIZE == 0, so absmax blocks never cross a row: block = (row * K + k) / BLOCKSIZE.
-    group_k = k0 + tl.arange(0, GROUPS) * BLOCKSIZE                           # (GROUPS,)
-    block = (rows[:, None].to(tl.int64) * K + group_k[None, :]) // BLOCKSIZE   # (BLOCK_N, GROUPS)
-    ok = (rows < N)[:, None] & (group_k < K)[None, :]
-    return packed, tl.load(absmax_ptr + block, mask=ok, other=0), block, ok
+def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows, kb0, N, K, stride_w,
+              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+              BLOCK_K: tl.constexpr, LUT: tl.constexpr):
+    """Bytes kb0 .. kb0 + BLOCK_K / 2 of `rows` (weights 2 kb0 ..) as (even, odd, absmax): the fp32
+    NF4 levels of the even and odd weights (BLOCK_N, V, 16) and the fp32 absmax of each 16-byte
+    vector (BLOCK_N, V).
+
+    A vector is 16 packed bytes (32 weights), the width of one load; blocksize >= 32, so a vector
+    lies inside one absmax block, and K % blocksize == 0, so no block crosses a row. stride_w = K / 2
+    is its own argument so that Triton sees it divisible by 16 and issues 16-byte loads."""
+    V: tl.constexpr = BLOCK_K // 32
+    vec = kb0 + tl.arange(0, V) * 16                                     # (V,) first byte of each vector
+    cols = vec[:, None] + tl.arange(0, 16)[None, :]                      # (V, 16) byte columns
+    row_ok = rows < N
+    ok = row_ok[:, None, None] & (cols < stride_w)[None, :, :]
+    row_start = rows.to(tl.int64) * stride_w                             # (BLOCK_N,)
+    packed = tl.load(packed_ptr + row_start[:, None, None] + cols[None, :, :], mask=ok, other=0)  # (BLOCK_N, V, 16) u8
+
+    block = (row_start[:, None] + vec[None, :]) // (BLOCKSIZE // 2)     # (BLOCK_N, V) absmax block of each vector
+    block_ok = row_ok[:, None] & (vec < stride_w)[None, :]
+    raw = tl.load(absmax_ptr + block, mask=block_ok, other=0)
+    absmax = decode_absmax(raw, block, block_ok, absmax2_ptr, code2_ptr, offset_ptr, BLOCKSIZE2, DOUBLE_QUANT)
+
+    # The 16 levels are read from a 64-byte table that stays in L1 (LUT 0), or from a register copy
+    # of it through tl.gather (LUT 1), instead of being computed: they are quantiles, not a formula.
+    if LUT == 0:
+        even = tl.load(code_ptr + (packed >> 4).to(tl.int32))
+        odd = tl.load(code_ptr + (packed & 0xF).to(tl.int32))
+    elif LUT == 1:
+        BLOCK_N: tl.constexpr = rows.shape[0]
+        table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, None, :], (BLOCK_N, V, 16))
+        even = tl.gather(table, (packed >> 4).to(tl.int32), 2)
+        odd = tl.gather(table, (packed & 0xF).to(tl.int32), 2)
+    else:
+        BLOCK_N: tl.constexpr = rows.shape[0]
+        table = tl.load(code_ptr + tl.arange(0, 16))
+        flat = tl.reshape(packed, (BLOCK_N * V * 16,))
+        even = tl.reshape(tl.gather(table, (flat >> 4).to(tl.int32), 0), (BLOCK_N, V, 16))
+        odd = tl.reshape(tl.gather(table, (flat & 0xF).to(tl.int32), 0), (BLOCK_N, V, 16))
+    return even, odd, absmax
 
 
-@triton.autotune(configs=INTERPRET_CONFIGS if INTERPRET else CONFIGS, key=["N", "K", "BLOCK_M", "DOUBLE_QUANT"])
 @triton.jit
-def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, y_ptr,
-                 M, N, K, stride_xm, stride_ym,
-                 BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[M, N] = x[M, K] @ W[N, K]^T for M <= BLOCK_M <= 16."""
-    HALF: tl.constexpr = BLOCK_K // 2
-    GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCKSIZE < BLOCK_K else 1
+def _x_pairs(xp_ptr, row, cols, mask, DTYPE: tl.constexpr):
+    """x[row, 2c] and x[row, 2c + 1] in DTYPE from the int32 pairs view of x (little-endian: the
+    even element is the low half)."""
+    pair = tl.load(xp_ptr + row + cols, mask=mask, other=0)
+    even = pair.to(tl.int16).to(DTYPE, bitcast=True)
+    odd = (pair >> 16).to(tl.int16).to(DTYPE, bitcast=True)
+    return even, odd
+
+
+@triton.jit
+def _dot(a, b, acc):
+    """acc + a @ b with fp32 accumulation. Triton's interpreter misreads bf16 operands of tl.dot, so
+    it gets them in fp32 (the same values; their products are exact in fp32 either way)."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.autotune(configs=INTERPRET_FMA_CONFIGS if INTERPRET else FMA_CONFIGS,
+                 key=["N", "K", "BLOCK_M", "DOUBLE_QUANT"])
+@triton.jit
+def _gemv_fma_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, y_ptr,
+                     M, N, K, stride_w, stride_xm, stride_ym,
+                     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, LUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[M, N] = x[M, K] @ W[N, K]^T for M <= BLOCK_M, fp32 levels and fp32 FMAs."""
+    V: tl.constexpr = BLOCK_K // 32
+    DTYPE: tl.constexpr = y_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)                  # (BLOCK_N,) rows of W
-    pairs = tl.arange(0, HALF)                                                 # (HALF,) byte columns
     x_rows = tl.arange(0, BLOCK_M)                                             # (BLOCK_M,)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-    # The next tile's loads are issued before the current tile is used: a program keeps two tiles
-    # in flight instead of waiting out the memory latency at every step.
-    nxt = _load_tile(packed_ptr, absmax_ptr, rows, 0, N, K, BLOCKSIZE, BLOCK_N, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
-        packed, raw, block, ok = nxt
-        nxt = _load_tile(packed_ptr, absmax_ptr, rows, k0 + BLOCK_K, N, K, BLOCKSIZE, BLOCK_N, BLOCK_K)
-        absmax = decode_absmax(raw, block, ok, absmax2_ptr, code2_ptr, offset_ptr,
-                               BLOCKSIZE2, DOUBLE_QUANT)                       # (BLOCK_N, GROUPS)
-        # Value 2i is the high nibble of byte i, value 2i + 1 the low one (bitsandbytes' order).
-        w_even = tl.load(code_ptr + (packed >> 4).to(tl.int32))                # (BLOCK_N, HALF) fp32
-        w_odd = tl.load(code_ptr + (packed & 0xF).to(tl.int32))                # (BLOCK_N, HALF) fp32
-        w_even = tl.reshape(tl.reshape(w_even, (BLOCK_N, GROUPS, HALF // GROUPS)) * absmax[:, :, None],
-                            (BLOCK_N, HALF))
-        w_odd = tl.reshape(tl.reshape(w_odd, (BLOCK_N, GROUPS, HALF // GROUPS)) * absmax[:, :, None],
-                           (BLOCK_N, HALF))
+    # One partial sum per row of x, row of W and vector slot, reduced across threads once at the end.
+    acc = tl.zeros((BLOCK_M, BLOCK_N, V), dtype=tl.float32)
+    for kb0 in range(0, stride_w, BLOCK_K // 2):                               # bytes of a row of W
+        even, odd, absmax = _nf4_tile(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                      rows, kb0, N, K, stride_w, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, BLOCK_K, LUT)
+        cols = (kb0 + tl.arange(0, V) * 16)[:, None] + tl.arange(0, 16)[None, :]   # (V, 16) pairs of x
         for m in tl.static_range(BLOCK_M):
             # Rows m >= M (BLOCK_M is a power of two) re-read row M - 1; they are never stored.
-            x_row = x_ptr + tl.minimum(m, M - 1) * stride_xm + k0
-            x_even = tl.load(x_row + 2 * pairs, mask=k0 + 2 * pairs < K, other=0.0).to(tl.float32)      # (HALF,)
-            x_odd = tl.load(x_row + 2 * pairs + 1, mask=k0 + 2 * pairs < K, other=0.0).to(tl.float32)   # (HALF,)
-            part = tl.sum(w_even * x_even[None, :] + w_odd * x_odd[None, :], axis=1)                   # (BLOCK_N,)
-            acc = tl.where(x_rows[:, None] == m, acc + part[None, :], acc)     # row m of (BLOCK_M, BLOCK_N)
+            x_even, x_odd = _x_pairs(xp_ptr, tl.minimum(m, M - 1) * stride_xm, cols, cols < stride_w, DTYPE)
+            t = even * x_even.to(tl.float32)[None] + odd * x_odd.to(tl.float32)[None]   # (BLOCK_N, V, 16)
+            part = tl.sum(t, axis=2) * absmax                                    # (BLOCK_N, V), in-thread sums
+            acc = tl.where(x_rows[:, None, None] == m, acc + part[None], acc)
+    y = tl.sum(acc, axis=2)                                                    # (BLOCK_M, BLOCK_N)
     mask = (x_rows < M)[:, None] & (rows < N)[None, :]
-    tl.store(y_ptr + x_rows[:, None] * stride_ym + rows[None, :], round_to(acc, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + x_rows[:, None] * stride_ym + rows[None, :], round_to(y, DTYPE), mask=mask)
+
+
+@triton.autotune(configs=INTERPRET_DOT_CONFIGS if INTERPRET else DOT_CONFIGS,
+                 key=["N", "K", "DOUBLE_QUANT"])
+@triton.jit
+def _gemv_dot_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, y_ptr,
+                     M, N, K, stride_w, stride_xm, stride_ym,
+                     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, LUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[M, N] = x[M, K] @ W[N, K]^T for M <= BLOCK_M = 16, W rounded to x's dtype, tensor cores."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    DTYPE: tl.constexpr = y_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)                  # (BLOCK_N,) rows of W
+    x_rows = tl.arange(0, BLOCK_M)                                             # (BLOCK_M,)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb0 in range(0, stride_w, BLOCK_K // 2):                               # bytes of a row of W
+        even, odd, absmax = _nf4_tile(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                      rows, kb0, N, K, stride_w, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, BLOCK_K, LUT)
+        # code[q] * absmax in fp32, rounded once to x's dtype: dequantize_nf4(...).to(dtype).
+        w_even = tl.reshape(round_to(even * absmax[:, :, None], DTYPE), (BLOCK_N, HALF))  # (BLOCK_N, HALF)
+        w_odd = tl.reshape(round_to(odd * absmax[:, :, None], DTYPE), (BLOCK_N, HALF))
+        cols = kb0 + tl.arange(0, HALF)                                        # (HALF,) pairs of x
+        ok = (x_rows < M)[:, None] & (cols < stride_w)[None, :]
+        x_even, x_odd = _x_pairs(xp_ptr, x_rows[:, None] * stride_xm, cols[None, :], ok, DTYPE)  # (BLOCK_M, HALF)
+        acc = _dot(x_even, tl.trans(w_even), acc)
+        acc = _dot(x_odd, tl.trans(w_odd), acc)                                # (BLOCK_M, BLOCK_N)
+    mask = (x_rows < M)[:, None] & (rows < N)[None, :]
+    tl.store(y_ptr + x_rows[:, None] * stride_ym + rows[None, :], round_to(acc, DTYPE), mask=mask)
 
 
 def _unsupported(x: torch.Tensor, state: QuantState) -> str | None:
@@ -100,16 +180,19 @@ def gemv_supported(x: torch.Tensor, state: QuantState) -> bool:
     return _unsupported(x, state) is None
 
 
-def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, state: QuantState, lut: int = 0,
+             fma_rows: int = FMA_ROWS) -> torch.Tensor:
     """x [M <= 16, in] (fp16 / bf16) @ W^T for the NF4 weight W [out, in] -> [M, out] in x's dtype."""
     problem = _unsupported(x, state)
     if problem:
         raise ValueError(problem)
-    if x.stride(1) != 1:
-        x = x.contiguous()
     N, K = state.shape
-    y = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
+    M = x.shape[0]
+    # x as int32 pairs (x[2c], x[2c + 1]): one 4-byte load feeds an even and an odd weight.
+    xp = x.contiguous().view(torch.int32)                                  # (M, K / 2)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-    _gemv_kernel[grid](x, *kernel_args(packed, state), y, x.shape[0], N, K, x.stride(0), y.stride(0),
-                       state.blocksize, state.blocksize2, state.double_quant, triton.next_power_of_2(x.shape[0]))
+    kernel, block_m = (_gemv_fma_kernel, triton.next_power_of_2(M)) if M <= fma_rows else (_gemv_dot_kernel, 16)
+    kernel[grid](xp, *kernel_args(packed, state), y, M, N, K, K // 2, xp.stride(0), y.stride(0),
+                 state.blocksize, state.blocksize2, state.double_quant, block_m, lut)
     return y
