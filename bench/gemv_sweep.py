@@ -44,12 +44,17 @@ def launch(kind, lut, cfg, x, packed, state, y):
     N, K = state.shape
     M = x.shape[0]
     bn, bk, warps, stages = cfg
-    xp = x.view(torch.int32)
-    fn = (G._gemv_fma_kernel if kind == "fma" else G._gemv_dot_kernel).fn
-    block_m = triton.next_power_of_2(M) if kind == "fma" else 16
-    fn[(triton.cdiv(N, bn),)](xp, *kernel_args(packed, state), y, M, N, K, K // 2, xp.stride(0), y.stride(0),
-                              state.blocksize, state.blocksize2, state.double_quant, block_m, lut,
-                              BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    args = kernel_args(packed, state)
+    meta = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    grid = (triton.cdiv(N, bn),)
+    consts = (state.blocksize, state.blocksize2, state.double_quant)
+    if kind == "fma":     # as gemv_nf4 calls them
+        G._gemv_fma_kernel.fn[grid](x, args[0].view(torch.int32), *args[1:], y, M, N, K, K // 8, x.stride(0),
+                                    y.stride(0), *consts, triton.next_power_of_2(M), lut, **meta)
+    else:
+        xp = x.view(torch.int32)
+        G._gemv_dot_kernel.fn[grid](xp, *args, y, M, N, K, K // 2, xp.stride(0), y.stride(0), *consts, 16, lut,
+                                    **meta)
     return y
 
 
@@ -175,7 +180,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json")
     p.add_argument("--rows", default="1,4,16")
-    p.add_argument("--luts", default="2,0")
+    p.add_argument("--luts", default="2")
     p.add_argument("--shapes", default="all")
     args = p.parse_args()
     if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -31,10 +31,13 @@ MAX_ROWS = 16
 FMA_ROWS = 4            # rows of x up to which the fp32 FMA kernel runs; more take the tensor cores
 
 # BLOCK_K weights of BLOCK_N rows per tile: each of the 32 * num_warps threads loads 16-64 bytes.
-FMA_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-               for bn, bk, w in [(2, 4096, 4), (4, 2048, 4), (4, 4096, 8), (8, 1024, 4), (2, 2048, 2)]]
-DOT_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-               for bn, bk, w in [(16, 1024, 4), (32, 512, 4), (16, 2048, 4), (32, 1024, 8)]]
+# The candidates that ranked best on the H200 (bench/gemv_sweep.py, 2026-12-01); the autotuner picks
+# per shape, timing each config with L2 flushed.
+FMA_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+               for bn, bk, w, s in [(2, 2048, 4, 1), (4, 2048, 4, 1), (4, 1024, 2, 1), (4, 1024, 4, 2),
+                                    (2, 2048, 4, 2), (8, 1024, 4, 1)]]
+DOT_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+               for bn, bk, w, s in [(32, 256, 4, 3), (64, 128, 4, 3), (32, 256, 4, 2), (16, 512, 4, 3)]]
 # The interpreter's cost grows with programs x tiles x rows of x, so it gets wide tiles that are
 # still smaller than the test shapes: partial tiles in both N and K.
 INTERPRET_FMA_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 256})]
@@ -104,30 +107,58 @@ def _dot(a, b, acc):
         return tl.dot(a, b, acc)
 
 
+@triton.jit
+def _word_levels(words, table):
+    """int32 words (...) of 8 codes each -> their fp32 NF4 levels (..., 8) in weight order.
+
+    Byte b of a word (bits 8b .. 8b + 7) holds weights 2b (high nibble) and 2b + 1 (low nibble), so
+    weight j sits at bit 4 * (j ^ 1). The 8 codes of every word are gathered from the 16-entry table
+    at once: tl.gather keeps it in shared memory, one 32-bit read per code."""
+    # Code of weight 2b: bits 8b + 4 ..; of weight 2b + 1: bits 8b .. . tl.join appends the new axis
+    # last, so the outermost join is the lowest bit of the weight index: q[..., i, j, k] is weight 4i + 2j + k.
+    q = tl.join(tl.join(tl.join((words >> 4) & 0xF, (words >> 20) & 0xF),
+                        tl.join((words >> 12) & 0xF, (words >> 28) & 0xF)),
+                tl.join(tl.join(words & 0xF, (words >> 16) & 0xF),
+                        tl.join((words >> 8) & 0xF, (words >> 24) & 0xF)))   # (..., 2, 2, 2)
+    flat = tl.reshape(q, (q.numel,))
+    return tl.reshape(tl.gather(table, flat, 0), words.shape + [8])
+
+
 @triton.autotune(configs=INTERPRET_FMA_CONFIGS if INTERPRET else FMA_CONFIGS,
                  key=["N", "K", "BLOCK_M", "DOUBLE_QUANT"])
 @triton.jit
-def _gemv_fma_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, y_ptr,
+def _gemv_fma_kernel(x_ptr, words_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, y_ptr,
                      M, N, K, stride_w, stride_xm, stride_ym,
                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                      BLOCK_M: tl.constexpr, LUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[M, N] = x[M, K] @ W[N, K]^T for M <= BLOCK_M, fp32 levels and fp32 FMAs."""
+    """y[M, N] = x[M, K] @ W[N, K]^T for M <= BLOCK_M, fp32 levels and fp32 FMAs.
+
+    W is read as int32 words of 8 codes (stride_w = K / 8 words per row), 4 words = one 16-byte
+    vector per thread; the 8 weights of a word meet 8 consecutive values of x (one 16-byte load)."""
     V: tl.constexpr = BLOCK_K // 32
     DTYPE: tl.constexpr = y_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)                  # (BLOCK_N,) rows of W
+    row_ok = rows < N
+    row_start = rows.to(tl.int64) * stride_w                                   # (BLOCK_N,) in words
     x_rows = tl.arange(0, BLOCK_M)                                             # (BLOCK_M,)
-    # One partial sum per row of x, row of W and vector slot, reduced across threads once at the end.
+    table = tl.load(code_ptr + tl.arange(0, 16))                               # (16,) fp32 levels
     acc = tl.zeros((BLOCK_M, BLOCK_N, V), dtype=tl.float32)
-    for kb0 in range(0, stride_w, BLOCK_K // 2):                               # bytes of a row of W
-        even, odd, absmax = _nf4_tile(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                      rows, kb0, N, K, stride_w, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, BLOCK_K, LUT)
-        cols = (kb0 + tl.arange(0, V) * 16)[:, None] + tl.arange(0, 16)[None, :]   # (V, 16) pairs of x
+    for kw0 in range(0, stride_w, BLOCK_K // 8):                               # words of a row of W
+        vec = kw0 + tl.arange(0, V) * 4                                        # (V,) first word of each vector
+        cols = vec[:, None] + tl.arange(0, 4)[None, :]                         # (V, 4) word columns
+        ok = row_ok[:, None, None] & (cols < stride_w)[None, :, :]
+        words = tl.load(words_ptr + row_start[:, None, None] + cols[None, :, :], mask=ok, other=0)  # (BLOCK_N, V, 4)
+        block = (row_start[:, None] + vec[None, :]) * 8 // BLOCKSIZE           # (BLOCK_N, V) absmax block
+        block_ok = row_ok[:, None] & (vec < stride_w)[None, :]
+        raw = tl.load(absmax_ptr + block, mask=block_ok, other=0)
+        absmax = decode_absmax(raw, block, block_ok, absmax2_ptr, code2_ptr, offset_ptr, BLOCKSIZE2, DOUBLE_QUANT)
+        w = _word_levels(words, table)                                         # (BLOCK_N, V, 4, 8) fp32
+        k = 8 * cols[:, :, None] + tl.arange(0, 8)[None, None, :]              # (V, 4, 8) columns of x
         for m in tl.static_range(BLOCK_M):
             # Rows m >= M (BLOCK_M is a power of two) re-read row M - 1; they are never stored.
-            x_even, x_odd = _x_pairs(xp_ptr, tl.minimum(m, M - 1) * stride_xm, cols, cols < stride_w, DTYPE)
-            t = even * x_even.to(tl.float32)[None] + odd * x_odd.to(tl.float32)[None]   # (BLOCK_N, V, 16)
-            part = tl.sum(t, axis=2) * absmax                                    # (BLOCK_N, V), in-thread sums
-            acc = tl.where(x_rows[:, None, None] == m, acc + part[None], acc)
+            x = tl.load(x_ptr + tl.minimum(m, M - 1) * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+            s = tl.sum(tl.sum(w * x[None], axis=3), axis=2)                    # (BLOCK_N, V): in-thread FMA chains
+            acc = tl.where(x_rows[:, None, None] == m, acc + (s * absmax)[None], acc)
     y = tl.sum(acc, axis=2)                                                    # (BLOCK_M, BLOCK_N)
     mask = (x_rows < M)[:, None] & (rows < N)[None, :]
     tl.store(y_ptr + x_rows[:, None] * stride_ym + rows[None, :], round_to(y, DTYPE), mask=mask)
@@ -189,10 +220,16 @@ def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, state: QuantState, lut: int 
     N, K = state.shape
     M = x.shape[0]
     # x as int32 pairs (x[2c], x[2c + 1]): one 4-byte load feeds an even and an odd weight.
-    xp = x.contiguous().view(torch.int32)                                  # (M, K / 2)
+    x = x.contiguous()
+    xp = x.view(torch.int32)                                               # (M, K / 2)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-    kernel, block_m = (_gemv_fma_kernel, triton.next_power_of_2(M)) if M <= fma_rows else (_gemv_dot_kernel, 16)
-    kernel[grid](xp, *kernel_args(packed, state), y, M, N, K, K // 2, xp.stride(0), y.stride(0),
-                 state.blocksize, state.blocksize2, state.double_quant, block_m, lut)
+    args = kernel_args(packed, state)
+    if M <= fma_rows:     # the FMA kernel reads W as int32 words (K % 8 == 0 as K % blocksize == 0)
+        _gemv_fma_kernel[grid](x, args[0].view(torch.int32), *args[1:], y, M, N, K, K // 8, x.stride(0),
+                               y.stride(0), state.blocksize, state.blocksize2, state.double_quant,
+                               triton.next_power_of_2(M), lut)
+    else:
+        _gemv_dot_kernel[grid](xp, *args, y, M, N, K, K // 2, xp.stride(0), y.stride(0), state.blocksize,
+                               state.blocksize2, state.double_quant, 16, lut)
     return y
