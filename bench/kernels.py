@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import sys
+import time
 import traceback
 
 import torch
@@ -99,6 +100,17 @@ def graph_us(fn, rotate: int, replays: int = 20) -> float:
     return 1e3 * start.elapsed_time(end) / (replays * rotate)
 
 
+def host_us(fn, rotate: int, calls: int = 200) -> float:
+    """Host time per call of fn (what an eager step pays before the GPU sees the kernel)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(calls):
+        fn(i % rotate)
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return 1e6 * (t1 - t0) / calls
+
+
 def bench_shape(out_f: int, in_f: int, tokens: int, bnb_f, bnb, decode_only: bool = False) -> dict:
     n = out_f * in_f
     packed_bytes = n // 2 + n // 64 + 4 * math.ceil(n / 64 / 256)      # codes + u8 absmax + fp32 absmax2
@@ -157,10 +169,11 @@ def bench_decode(r: dict, weights, packed_bytes: int, bnb) -> dict:
         r[f"gemv{m}_us"] = median_us(ours, count)
         r[f"bnb_gemv{m}_us"] = median_us(peer, count)
         r[f"dense_gemv{m}_us"] = median_us(lambda i: F.linear(xm, dense[i]), dense_count)
-        if m == 1:
-            r["gemv1_graph_us"] = graph_us(ours, count)
-            r["bnb_gemv1_graph_us"] = graph_us(peer, count)
-            r["dense_gemv1_graph_us"] = graph_us(lambda i: F.linear(xm, dense[i]), dense_count)
+        r[f"gemv{m}_graph_us"] = graph_us(ours, count)
+        r[f"bnb_gemv{m}_graph_us"] = graph_us(peer, count)
+        r[f"dense_gemv{m}_graph_us"] = graph_us(lambda i: F.linear(xm, dense[i]), dense_count)
+        r[f"gemv{m}_host_us"] = host_us(ours, count)          # Python + launch time of one call
+        r[f"bnb_gemv{m}_host_us"] = host_us(peer, count)
     r["gemv1_TBps"] = (packed_bytes + 2 * (in_f + out_f)) / r["gemv1_us"] / 1e6
     r["gemv1_graph_TBps"] = (packed_bytes + 2 * (in_f + out_f)) / r["gemv1_graph_us"] / 1e6
     return r
@@ -197,14 +210,17 @@ def main() -> None:
         os.replace(args.json + ".tmp", args.json)
 
     print(f"\ncopy {info['copy_TBps']:.2f} TB/s, bf16 matmul 8192^3 {info['matmul_bf16_8192_TFLOPs']:.0f} TFLOP/s")
-    print("| weight | b1 ours / bnb / bf16 us | b1 ours TB/s | bnb / ours | graph b1 ours / bnb / bf16 us | graph TB/s | "
-          "b4 ours / bnb | b16 ours / bnb | b16 / b1 |")
+    print("CUDA-graph replays, us per call (do_bench medians / host us per call in the JSON):")
+    print("| weight | " + " | ".join(f"b{m} ours / bnb / bf16" for m in DECODE_ROWS) + " | b1 TB/s | bnb / ours b1 | "
+          "b16 / b1 |")
     for r in rows:
-        print(f"| {r['shape']} | {r['gemv1_us']:.1f} / {r['bnb_gemv1_us']:.1f} / {r['dense_gemv1_us']:.1f} | "
-              f"{r['gemv1_TBps']:.2f} | {r['bnb_gemv1_us'] / r['gemv1_us']:.2f} | {r['gemv1_graph_us']:.1f} / "
-              f"{r['bnb_gemv1_graph_us']:.1f} / {r['dense_gemv1_graph_us']:.1f} | {r['gemv1_graph_TBps']:.2f} | "
-              f"{r['gemv4_us']:.1f} / {r['bnb_gemv4_us']:.1f} | {r['gemv16_us']:.1f} / {r['bnb_gemv16_us']:.1f} | "
-              f"{r['gemv16_us'] / r['gemv1_us']:.2f} |")
+        cells = " | ".join(f"{r[f'gemv{m}_graph_us']:.1f} / {r[f'bnb_gemv{m}_graph_us']:.1f} / "
+                           f"{r[f'dense_gemv{m}_graph_us']:.1f}" for m in DECODE_ROWS)
+        print(f"| {r['shape']} | {cells} | {r['gemv1_graph_TBps']:.2f} | "
+              f"{r['bnb_gemv1_graph_us'] / r['gemv1_graph_us']:.2f} | {r['gemv16_graph_us'] / r['gemv1_graph_us']:.2f} |")
+    print("host us per call, ours / bnb: " + ", ".join(
+        f"{r['shape']} " + " ".join(f"b{m} {r[f'gemv{m}_host_us']:.0f}/{r[f'bnb_gemv{m}_host_us']:.0f}" for m in DECODE_ROWS)
+        for r in rows))
     if args.decode_only:
         return
     print("| weight | dequant us (TB/s) | bnb dequant us (TB/s) | "
