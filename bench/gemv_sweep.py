@@ -40,7 +40,7 @@ DOT_CANDIDATES = [(16, 256, 4, 2), (32, 256, 4, 2), (64, 256, 4, 2), (32, 512, 4
                   (16, 512, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (128, 256, 8, 2), (32, 256, 2, 2)]
 
 
-def launch(kind, lut, cfg, x, packed, state, y):
+def launch(kind, cfg, x, packed, state, y):
     N, K = state.shape
     M = x.shape[0]
     bn, bk, warps, stages = cfg
@@ -50,11 +50,10 @@ def launch(kind, lut, cfg, x, packed, state, y):
     consts = (state.blocksize, state.blocksize2, state.double_quant)
     if kind == "fma":     # as gemv_nf4 calls them
         G._gemv_fma_kernel.fn[grid](x, args[0].view(torch.int32), *args[1:], y, M, N, K, K // 8, x.stride(0),
-                                    y.stride(0), *consts, triton.next_power_of_2(M), lut, **meta)
+                                    y.stride(0), *consts, triton.next_power_of_2(M), **meta)
     else:
         xp = x.view(torch.int32)
-        G._gemv_dot_kernel.fn[grid](xp, *args, y, M, N, K, K // 2, xp.stride(0), y.stride(0), *consts, 16, lut,
-                                    **meta)
+        G._gemv_dot_kernel.fn[grid](xp, *args, y, M, N, K, K // 2, xp.stride(0), y.stride(0), *consts, 16, **meta)
     return y
 
 
@@ -119,7 +118,7 @@ def weights_for(bnb_f, N, K):
     return bnb_quantize(bnb_f, N, K, count), nbytes
 
 
-def sweep_shape(N, K, bnb_f, bnb, rows_list, luts, out):
+def sweep_shape(N, K, bnb_f, bnb, rows_list, out):
     weights, nbytes = weights_for(bnb_f, N, K)
     rotate = len(weights)
     P = lambda i: weights[i][0].view(-1)
@@ -129,17 +128,17 @@ def sweep_shape(N, K, bnb_f, bnb, rows_list, luts, out):
     for M in rows_list:
         x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
         y = torch.empty(M, N, device=DEVICE, dtype=torch.bfloat16)
-        variants = [("fma", lut, c) for lut in (luts if M == 1 else luts[:1]) for c in FMA_CANDIDATES] if M <= 4 else []
-        variants += [("dot", 2, c) for c in DOT_CANDIDATES] if M >= 2 else []
-        for kind, lut, cfg in variants:
+        variants = [("fma", c) for c in FMA_CANDIDATES] if M <= 4 else []
+        variants += [("dot", c) for c in DOT_CANDIDATES] if M >= 2 else []
+        for kind, cfg in variants:
             try:
                 y.fill_(float("nan"))
-                launch(kind, lut, cfg, x, P(0), S(0), y)
+                launch(kind, cfg, x, P(0), S(0), y)
                 worst, rel = worst_vs_bound(y, x, w0, 0 if kind == "fma" else 1)
-                us = time_us(lambda i: launch(kind, lut, cfg, x, P(i), S(i), y), rotate)
-                r = dict(M=M, kind=kind, lut=lut, cfg=cfg, us=us, TBps=nbytes / us / 1e6, worst=worst, rel=rel)
+                us = time_us(lambda i: launch(kind, cfg, x, P(i), S(i), y), rotate)
+                r = dict(M=M, kind=kind, cfg=cfg, us=us, TBps=nbytes / us / 1e6, worst=worst, rel=rel)
             except Exception as e:
-                r = dict(M=M, kind=kind, lut=lut, cfg=cfg, error=repr(e)[:300])
+                r = dict(M=M, kind=kind, cfg=cfg, error=repr(e)[:300])
             res["runs"].append(r)
             print(json.dumps(r), flush=True)
         # peers, same method
@@ -160,7 +159,7 @@ def sweep_shape(N, K, bnb_f, bnb, rows_list, luts, out):
             if r["kind"] not in best or r["us"] < best[r["kind"]]["us"]:
                 best[r["kind"]] = r
         for kind, r in best.items():
-            fn = lambda i, r=r: launch(r["kind"], r["lut"], r["cfg"], x, P(i), S(i), y)
+            fn = lambda i, r=r: launch(r["kind"], r["cfg"], x, P(i), S(i), y)
             r["us_rep300"] = time_us(fn, rotate, rep=300)
             r["graph_us"] = graph_us(fn, rotate)
         try:
@@ -180,7 +179,6 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json")
     p.add_argument("--rows", default="1,4,16")
-    p.add_argument("--luts", default="2")
     p.add_argument("--shapes", default="all")
     args = p.parse_args()
     if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -192,26 +190,25 @@ def main():
             "triton": triton.__version__, "bitsandbytes": bnb.__version__, **(ceilings() if DEVICE == "cuda" else {})}
     print(json.dumps(info), flush=True)
     rows = [int(r) for r in args.rows.split(",")]
-    luts = [int(v) for v in args.luts.split(",")]
     shapes = SHAPES + FALCON if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     out = []
     for N, K in shapes:
         try:
             falcon = (N, K) in FALCON
-            sweep_shape(N, K, bnb_f, bnb, [r for r in rows if r != 4] if falcon else rows, luts, out)
+            sweep_shape(N, K, bnb_f, bnb, [r for r in rows if r != 4] if falcon else rows, out)
         except Exception:
             traceback.print_exc()
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"info": info, "shapes": out}, f, indent=1)
-    print("\n| shape | M | best fma (cfg, lut) us / TB/s / graph us | best dot us / graph us | bnb us / graph us | bf16 us |")
+    print("\n| shape | M | best fma (cfg) us / TB/s / graph us | best dot us / graph us | bnb us / graph us | bf16 us |")
     for res in out:
         for M in rows:
             if f"best{M}" not in res:
                 continue
             b = res.get(f"best{M}", {})
             fma, dot = b.get("fma"), b.get("dot")
-            f = (f"{fma['cfg']} L{fma['lut']} {fma['us']:.1f} / {fma['TBps']:.2f} / {fma['graph_us']:.1f}" if fma else "-")
+            f = (f"{fma['cfg']} {fma['us']:.1f} / {fma['TBps']:.2f} / {fma['graph_us']:.1f}" if fma else "-")
             d = (f"{dot['cfg']} {dot['us']:.1f} / {dot['graph_us']:.1f}" if dot else "-")
             bn, bg = res.get(f"bnb{M}_us"), res.get(f"bnb{M}_graph_us")
             print(f"| {res['shape']} | {M} | {f} | {d} | {bn and round(bn, 1)} / {bg and round(bg, 1)} | "
@@ -223,11 +220,11 @@ def main():
             for res in out:
                 for r in res["runs"]:
                     if r["M"] == M and r["kind"] == kind and "us" in r:
-                        score.setdefault((r["lut"], tuple(r["cfg"])), []).append(math.log(r["us"]))
+                        score.setdefault(tuple(r["cfg"]), []).append(math.log(r["us"]))
             most = max((len(v) for v in score.values()), default=0)
             full = [(sum(v) / len(v), k) for k, v in score.items() if len(v) == most]
             full.sort()
-            print(f"M={M} {kind} ranking:", ", ".join(f"L{k[0]} {k[1]} {math.exp(s):.1f}" for s, k in full[:6]))
+            print(f"M={M} {kind} ranking:", ", ".join(f"{k} {math.exp(s):.1f}" for s, k in full[:6]))
 
 
 if __name__ == "__main__":

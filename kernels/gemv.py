@@ -45,9 +45,15 @@ INTERPRET_DOT_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 256})]
 
 
 @triton.jit
+def _levels(q, table):
+    """The fp32 NF4 levels of the int32 codes q (any shape) from the 16-entry table."""
+    return tl.reshape(tl.gather(table, tl.reshape(q, (q.numel,)), 0), q.shape)
+
+
+@triton.jit
 def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows, kb0, N, K, stride_w,
               BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-              BLOCK_K: tl.constexpr, LUT: tl.constexpr):
+              BLOCK_K: tl.constexpr):
     """Bytes kb0 .. kb0 + BLOCK_K / 2 of `rows` (weights 2 kb0 ..) as (even, odd, absmax): the fp32
     NF4 levels of the even and odd weights (BLOCK_N, V, 16) and the fp32 absmax of each 16-byte
     vector (BLOCK_N, V).
@@ -68,22 +74,11 @@ def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_p
     raw = tl.load(absmax_ptr + block, mask=block_ok, other=0)
     absmax = decode_absmax(raw, block, block_ok, absmax2_ptr, code2_ptr, offset_ptr, BLOCKSIZE2, DOUBLE_QUANT)
 
-    # The 16 levels are read from a 64-byte table that stays in L1 (LUT 0), or from a register copy
-    # of it through tl.gather (LUT 1), instead of being computed: they are quantiles, not a formula.
-    if LUT == 0:
-        even = tl.load(code_ptr + (packed >> 4).to(tl.int32))
-        odd = tl.load(code_ptr + (packed & 0xF).to(tl.int32))
-    elif LUT == 1:
-        BLOCK_N: tl.constexpr = rows.shape[0]
-        table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, None, :], (BLOCK_N, V, 16))
-        even = tl.gather(table, (packed >> 4).to(tl.int32), 2)
-        odd = tl.gather(table, (packed & 0xF).to(tl.int32), 2)
-    else:
-        BLOCK_N: tl.constexpr = rows.shape[0]
-        table = tl.load(code_ptr + tl.arange(0, 16))
-        flat = tl.reshape(packed, (BLOCK_N * V * 16,))
-        even = tl.reshape(tl.gather(table, (flat >> 4).to(tl.int32), 0), (BLOCK_N, V, 16))
-        odd = tl.reshape(tl.gather(table, (flat & 0xF).to(tl.int32), 0), (BLOCK_N, V, 16))
+    # The 16 levels are read from a register copy of the table through tl.gather on a flat view,
+    # which keeps it in shared memory: one 32-bit read per code, no global-memory gather.
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    even = _levels((packed >> 4).to(tl.int32), table)
+    odd = _levels((packed & 0xF).to(tl.int32), table)
     return even, odd, absmax
 
 
@@ -130,7 +125,7 @@ def _word_levels(words, table):
 def _gemv_fma_kernel(x_ptr, words_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, y_ptr,
                      M, N, K, stride_w, stride_xm, stride_ym,
                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, LUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[M, N] = x[M, K] @ W[N, K]^T for M <= BLOCK_M, fp32 levels and fp32 FMAs.
 
     W is read as int32 words of 8 codes (stride_w = K / 8 words per row), 4 words = one 16-byte
@@ -170,7 +165,7 @@ def _gemv_fma_kernel(x_ptr, words_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_
 def _gemv_dot_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, y_ptr,
                      M, N, K, stride_w, stride_xm, stride_ym,
                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, LUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[M, N] = x[M, K] @ W[N, K]^T for M <= BLOCK_M = 16, W rounded to x's dtype, tensor cores."""
     HALF: tl.constexpr = BLOCK_K // 2
     DTYPE: tl.constexpr = y_ptr.dtype.element_ty
@@ -179,7 +174,7 @@ def _gemv_dot_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb0 in range(0, stride_w, BLOCK_K // 2):                               # bytes of a row of W
         even, odd, absmax = _nf4_tile(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                      rows, kb0, N, K, stride_w, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, BLOCK_K, LUT)
+                                      rows, kb0, N, K, stride_w, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, BLOCK_K)
         # code[q] * absmax in fp32, rounded once to x's dtype: dequantize_nf4(...).to(dtype).
         w_even = tl.reshape(round_to(even * absmax[:, :, None], DTYPE), (BLOCK_N, HALF))  # (BLOCK_N, HALF)
         w_odd = tl.reshape(round_to(odd * absmax[:, :, None], DTYPE), (BLOCK_N, HALF))
@@ -211,8 +206,7 @@ def gemv_supported(x: torch.Tensor, state: QuantState) -> bool:
     return _unsupported(x, state) is None
 
 
-def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, state: QuantState, lut: int = 0,
-             fma_rows: int = FMA_ROWS) -> torch.Tensor:
+def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """x [M <= 16, in] (fp16 / bf16) @ W^T for the NF4 weight W [out, in] -> [M, out] in x's dtype."""
     problem = _unsupported(x, state)
     if problem:
@@ -225,11 +219,11 @@ def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, state: QuantState, lut: int 
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
     args = kernel_args(packed, state)
-    if M <= fma_rows:     # the FMA kernel reads W as int32 words (K % 8 == 0 as K % blocksize == 0)
+    if M <= FMA_ROWS:     # the FMA kernel reads W as int32 words (K % 8 == 0 as K % blocksize == 0)
         _gemv_fma_kernel[grid](x, args[0].view(torch.int32), *args[1:], y, M, N, K, K // 8, x.stride(0),
                                y.stride(0), state.blocksize, state.blocksize2, state.double_quant,
-                               triton.next_power_of_2(M), lut)
+                               triton.next_power_of_2(M))
     else:
         _gemv_dot_kernel[grid](xp, *args, y, M, N, K, K // 2, xp.stride(0), y.stride(0), state.blocksize,
-                               state.blocksize2, state.double_quant, 16, lut)
+                               state.blocksize2, state.double_quant, 16)
     return y
