@@ -51,11 +51,27 @@ def write_file(path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = _disk_full(e, path.parent)
         tmp.unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
         raise
     _fsync(path.parent)
     return path
+
+
+def _disk_full(error: BaseException, directory: Path) -> bool:
+    """Whether a failed write ran out of disk space. Writers such as torch.save report a full disk as a
+    RuntimeError ("unexpected pos"), so a failure while almost no space is left counts as one too."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(error, Exception):              # KeyboardInterrupt: not the disk
+        return False
+    try:
+        return shutil.disk_usage(directory).free < 1 << 20
+    except OSError:
+        return False
 
 
 def write_bytes(path, data: bytes) -> Path:
@@ -93,8 +109,11 @@ def write_dir(path, write: Callable[[Path], None], overwrite: bool = False) -> P
             os.replace(path, old)                     # a crash here leaves the old directory as `old`
             os.replace(tmp, path)
             shutil.rmtree(old)
-    except BaseException:
+    except BaseException as e:
+        full = _disk_full(e, path.parent)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
         raise
     _fsync(path.parent)
     return path

@@ -121,3 +121,23 @@ def test_remove_dir_never_shows_a_half_deleted_directory(tmp_path, monkeypatch):
     monkeypatch.undo()
     atomic.clean_leftovers(tmp_path)
     assert names(tmp_path) == []
+
+
+def test_a_writer_failing_on_a_full_disk_is_reported_as_one(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from qlora.errors import one_line
+
+    def torch_save_on_a_full_disk(tmp):                   # what torch.save raises there
+        (tmp / "trainer_state.pt").write_text("half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 34944 vs 34832")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 4096, 4096))
+    with pytest.raises(OSError) as e:
+        atomic.write_dir(tmp_path / "checkpoint-4", torch_save_on_a_full_disk)
+    assert names(tmp_path) == []
+    assert one_line(e.value).startswith(f"error: the disk is full writing {tmp_path / 'checkpoint-4'}: free some space")
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: usage(10**9, 0, 10**9))
+    with pytest.raises(RuntimeError):                     # plenty of space: the writer's own error
+        atomic.write_dir(tmp_path / "checkpoint-4", torch_save_on_a_full_disk)
