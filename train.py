@@ -38,13 +38,12 @@ from qlora.trainer import (load_training_state, make_optimizer, memory_gib, mixe
                            pick_device, pick_dtype)
 
 
-def check_before_loading(cfg: TrainConfig) -> tuple[TrainConfig, tuple[Path, dict] | None]:
+def check_before_loading(cfg: TrainConfig) -> TrainConfig:
     """What can be checked before data and model load (a mistake then costs seconds, and leaves
-    nothing written): device, paths, the output dir, leftovers of killed runs, the checkpoint to
-    resume and its config. Returns the config with local paths made absolute (the adapter then
-    names its base model wherever infer.py runs) and (checkpoint, manifest) or None."""
+    nothing written): device, paths, the output dir. Returns the config with local paths made
+    absolute (the adapter then names its base model wherever infer.py runs)."""
     pick_dtype(cfg, pick_device(cfg.device))
-    out = check_writable_dir(cfg.output_dir)
+    check_writable_dir(cfg.output_dir)
     for spec in cfg.datasets:
         check_type(spec.get("type", "context_qa"))
     base = Path(cfg.base_model).expanduser()
@@ -58,7 +57,13 @@ def check_before_loading(cfg: TrainConfig) -> tuple[TrainConfig, tuple[Path, dic
             raise FileNotFoundError(f"tokenizer {cfg.tokenizer} not found: pass --tokenizer PATH/tokenizer.model "
                                     "(or tokenizer.json)")
         cfg = dataclasses.replace(cfg, tokenizer=str(Path(cfg.tokenizer).expanduser().resolve()))
+    return cfg
 
+
+def find_resume(cfg: TrainConfig) -> tuple[Path, dict] | None:
+    """Clean up after a killed run, then (checkpoint, manifest) to resume from, its config compared
+    with this run's, or None; a fresh run into an output_dir with checkpoints is refused."""
+    out = Path(cfg.output_dir)
     for line in clean_leftovers(out):
         print(f"note: {out}: {line}", file=sys.stderr)
     resume = find_checkpoint(out, cfg.resume_from_checkpoint)
@@ -69,7 +74,7 @@ def check_before_loading(cfg: TrainConfig) -> tuple[TrainConfig, tuple[Path, dic
     if resume is not None:
         for line in check_resume_config(resume[1].get("config", {}), vars(cfg)):
             print(line, file=sys.stderr)
-    return cfg, resume
+    return resume
 
 
 def check_answers(data, cfg: TrainConfig) -> None:
@@ -85,7 +90,7 @@ def check_answers(data, cfg: TrainConfig) -> None:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    cfg, resume = check_before_loading(cfg)
+    cfg = check_before_loading(cfg)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg, device)
     out = Path(cfg.output_dir)
@@ -96,6 +101,7 @@ def main(argv=None) -> int:
     hf_config = read_json(config_path(cfg.base_model))     # a hub id is downloaded here
     architecture = model_class(hf_config)
     check_target_names(cfg.lora_targets, architecture.LINEAR_NAMES)
+    resume = find_resume(cfg)
 
     # ---- tokenizer and data
     if cfg.tokenizer:
