@@ -22,7 +22,7 @@ from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
 from llama.model import Llama, LlamaConfig, rope_inv_freq
-from qlora import bnb_format
+from qlora import bnb_format, progress
 from qlora.linear4bit import QUANT_CHUNK_NUMEL, Linear4bit
 from qlora.lora import LINEAR_NAMES
 from qlora.nf4 import BLOCKSIZES, FLOAT_DTYPES
@@ -60,9 +60,11 @@ def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat1
         model = Llama(config)                              # shapes only, no memory
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied lm_head counted once
     loaded = set()
+    bar = progress.bar(total=_count_tensors(files), desc="quantizing" if load_in_4bit else "loading", unit="tensor")
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
+                bar.update()
                 if name.endswith("rotary_emb.inv_freq"):   # a buffer old transformers versions saved
                     continue
                 if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -100,6 +102,7 @@ def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat1
                     tensor = f.get_tensor(name).to(device=device, dtype=dtype)
                     setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
                 loaded.add(name)
+    bar.close()
 
     missing = sorted(expected.keys() - loaded)
     if missing:
@@ -163,7 +166,7 @@ def random_llama(config_path: str | Path, device, dtype: torch.dtype, load_in_4b
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
     model = model.to(device=device, dtype=dtype).requires_grad_(False)
     if load_in_4bit:
-        for layer in model.model.layers:
+        for layer in progress.bar(model.model.layers, desc="quantizing", unit="layer"):
             for holder in (layer.self_attn, layer.mlp):
                 for name in LINEAR_NAMES:
                     if isinstance(getattr(holder, name, None), nn.Linear):
@@ -210,6 +213,15 @@ def safetensors_files(directory: Path) -> list[Path]:
         raise ValueError(f"{directory} holds only pickle weights ({pickles[0]}), which can run code when "
                          f"loaded: only safetensors load here; convert them or download the safetensors files")
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+
+
+def _count_tensors(files: list[Path]) -> int:
+    """How many tensors the files hold (read from their headers only): the loading bar's total."""
+    total = 0
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            total += len(f.keys())
+    return total
 
 
 def _read_json(path: Path) -> dict:
