@@ -9,6 +9,9 @@ untouched and at most a hidden temporary; a failure removes the temporary.
 A directory cannot be renamed over a non-empty one, so an existing directory is swapped: on Linux
 in one step (renameat2 RENAME_EXCHANGE), elsewhere the old one is first renamed aside; either way
 the old directory is deleted only once the new one is in place.
+
+Every file written gets the mode a plain open() would give it (0644 under the usual umask 022):
+some writers (safetensors' save_file) create 0600 files, which other users and tools then cannot read.
 """
 
 import ctypes
@@ -18,6 +21,15 @@ import secrets
 import shutil
 from pathlib import Path
 from typing import Callable
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)                              # the only portable way to read the umask is to set it
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()                            # read once, at import (umask is process-wide)
 
 
 def _temp_name(path: Path, kind: str) -> Path:
@@ -40,6 +52,7 @@ def write_file(path, write: Callable[[Path], None]) -> Path:
     tmp = _temp_name(path, "tmp")
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -73,6 +86,8 @@ def write_dir(path, write: Callable[[Path], None], overwrite: bool = False) -> P
     try:
         write(tmp)
         for file in tmp.rglob("*"):
+            if file.is_file():
+                os.chmod(file, FILE_MODE)
             _fsync(file)
         _fsync(tmp)
         if not path.exists():
