@@ -19,6 +19,7 @@ from llama.load import config_path, is_random_base, load_base, model_dir
 from llama.tokenizer import Tokenizer, train_tokenizer
 from qlora.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from qlora.config import TrainConfig, parse_args
+from qlora.event_log import log_record, open_event_log
 from qlora.data import Batches, batches_in_order, format_row, load_rows, pad_id_of, prepare_data
 from qlora.adapter import save_adapter
 from qlora.atomic import write_file, write_text
@@ -120,6 +121,7 @@ def main(argv=None) -> int:
             if json.loads(line)["step"] <= step]
     write_text(metrics_path, "".join(line + "\n" for line in kept))
     metrics = open(metrics_path, "a")
+    events = open_event_log(out, step if resume else None)     # TensorBoard, if installed
     model.train()
     last_saved = resume
     tokens_seen, t_log = 0, time.time()
@@ -160,6 +162,7 @@ def main(argv=None) -> int:
                                f"{record['tokens_per_s']:.0f} tok/s mem {record['mem_gib']:.2f} GiB")
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
+            log_record(events, record)
             if step % cfg.save_steps == 0 or step == total_steps:
                 last_saved = save(step, batches.state_dict(), rng_state())
     except KeyboardInterrupt:
@@ -171,6 +174,8 @@ def main(argv=None) -> int:
     finally:
         bar.close()
         metrics.close()
+        if events is not None:
+            events.close()
     adapter_dir = save_adapter(model, out / "adapter", cfg.base_model, overwrite=True, extra_files=adapter_extras)
     print(f"done: adapter in {adapter_dir}")
     plot_loss(out)

@@ -134,3 +134,24 @@ def test_memory_on_the_cpu_is_the_process_peak_rss():
     gib = memory_gib(torch.device("cpu"))
     assert gib > 0.01                                # a Python with torch loaded holds far more than 10 MiB
     assert abs(gib - peak_kib / 2**20) < 0.05
+
+
+def test_tensorboard_event_files_hold_the_metrics_when_tensorboard_is_installed(setup, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert train.main(train_argv(setup, tmp_path)) == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "runs"))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in loss] == [r["step"] for r in records]
+    assert [v for _, v in loss] == pytest.approx([r["loss"] for r in records], rel=1e-6)  # stored as float32
+    assert [e.step for e in events.Scalars("train/eval_loss")] == [3]
+
+
+def test_without_tensorboard_no_event_files_and_no_message(setup, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)     # import fails as if not installed
+    assert train.main(train_argv(setup, tmp_path)) == 0
+    assert not (tmp_path / "runs").exists()
+    assert "tensorboard" not in capsys.readouterr().out.replace(str(tmp_path), "").lower()
