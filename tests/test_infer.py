@@ -298,7 +298,8 @@ def test_train_then_infer_end_to_end(tmp_path):
                            "--eval", str(tmp_path / "eval.jsonl")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "| eval.jsonl | rows | exact match | runs on schema |" in done.stdout
+    assert "| model | rows | exact match | runs on schema |" in done.stdout
+    assert f" + {tmp_path / 'out' / 'adapter'} | 3 (eval.jsonl) |" in done.stdout
     assert done.stdout.strip().splitlines()[-1].strip()          # the streamed answer
     assert "tokens/s" in done.stderr
 
