@@ -1,7 +1,11 @@
-"""QLoRA fine-tuning of a Llama model, top to bottom: parse, load, loop, save.
+"""QLoRA fine-tuning of a Llama or Falcon model, top to bottom: parse, load, loop, save.
 
     python train.py                                     # demo: a small random Llama, built-in SQL data
+    python train.py --config configs/tiny-falcon.yml    # demo: a small random Falcon, built-in finance data
     python train.py --config configs/llama2-7b-sql.yml  # the real job (Llama-2-7B, know_sql)
+    python train.py --config configs/falcon-7b-finance.yml  # the second (Falcon-7B, finance-alpaca)
+
+The architecture comes from the base model's config.json ("model_type": llama or falcon).
 
 Any config key can be given on the command line too (`--learning_rate 1e-4`). The demo's model is
 randomly initialised: it shows that every piece runs and the loss falls, nothing more.
@@ -15,15 +19,17 @@ from pathlib import Path
 
 import torch
 
-from llama.load import config_path, is_random_base, load_base, model_dir
-from llama.tokenizer import Tokenizer, train_tokenizer
+from falcon.load import load_base, model_class
+from falcon.model import Falcon
+from llama.load import config_path, is_random_base, model_dir, read_json
+from llama.tokenizer import load_tokenizer, train_bpe_tokenizer, train_tokenizer
 from qlora.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from qlora.config import TrainConfig, parse_args
 from qlora.event_log import log_record, open_event_log
 from qlora.data import Batches, batches_in_order, format_row, load_rows, pad_id_of, prepare_data
 from qlora.adapter import save_adapter
 from qlora.atomic import write_file, write_text
-from qlora.lora import apply_lora, trainable_summary
+from qlora.lora import apply_lora, check_target_names, trainable_summary
 from qlora.loss import causal_lm_loss
 from qlora import progress
 from qlora.trainer import make_optimizer, memory_gib, mixed_precision, optimizer_step, pick_device, pick_dtype
@@ -38,26 +44,34 @@ def main(argv=None) -> int:
     torch.manual_seed(cfg.seed)
     print(f"device {device}, compute dtype {dtype}, output {out}")
 
+    # ---- the architecture (config.json's model_type), checked against the LoRA targets before loading
+    hf_config = read_json(config_path(cfg.base_model))
+    architecture = model_class(hf_config)
+    check_target_names(cfg.lora_targets, architecture.LINEAR_NAMES)
+
     # ---- tokenizer and data
     if cfg.tokenizer:
-        tokenizer_path = Path(cfg.tokenizer)
+        tokenizer = load_tokenizer(cfg.tokenizer)
     elif is_random_base(cfg.base_model):  # the demo model has no tokenizer: train one on the dataset (once, kept in output_dir)
-        tokenizer_path = out / "tokenizer.model"
-        if not tokenizer_path.is_file():
-            texts = []
-            for spec in cfg.datasets:
-                texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in load_rows(spec["path"])]
-            vocab = json.loads(config_path(cfg.base_model).read_text())["vocab_size"]
-            train_tokenizer(texts, vocab, tokenizer_path)
+        texts = []
+        for spec in cfg.datasets:
+            texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in load_rows(spec["path"])]
+        if architecture is Falcon:        # Falcon's kind: a byte-level BPE tokenizer.json
+            if not (out / "tokenizer.json").is_file():
+                train_bpe_tokenizer(texts, hf_config["vocab_size"], out)
+            tokenizer = load_tokenizer(out / "tokenizer.json")
+        else:                             # Llama's: sentencepiece
+            if not (out / "tokenizer.model").is_file():
+                train_tokenizer(texts, hf_config["vocab_size"], out / "tokenizer.model")
+            tokenizer = load_tokenizer(out / "tokenizer.model")
     else:
-        tokenizer_path = model_dir(cfg.base_model) / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise FileNotFoundError(f"tokenizer {tokenizer_path} not found: pass --tokenizer PATH/tokenizer.model")
-    tokenizer = Tokenizer(tokenizer_path)
+        tokenizer = load_tokenizer(model_dir(cfg.base_model))
+    if tokenizer.vocab_size > hf_config["vocab_size"]:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {hf_config['vocab_size']}: "
+                         "pass the --tokenizer that belongs to the base model")
     # Saved beside every adapter (PEFT ignores them): what infer.py needs to rebuild the prompt
     # format, the tokenizer and (for the demo) the random base.
-    adapter_extras = {"training_config.json": json.dumps(vars(cfg), indent=2).encode(),
-                      "tokenizer.model": tokenizer_path.read_bytes()}
+    adapter_extras = {"training_config.json": json.dumps(vars(cfg), indent=2).encode(), **tokenizer.files()}
     data = prepare_data(cfg.datasets, tokenizer, cfg.sequence_len, cfg.val_set_size, cfg.seed,
                         cfg.train_on_inputs, cfg.sample_packing)
     print(data.summary())

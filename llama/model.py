@@ -198,6 +198,31 @@ class KVCache(nn.Module):
         return self.k[:B], self.v[:B]
 
 
+def cache_inputs(input_ids: torch.Tensor, start_pos: int | torch.Tensor | None, cache: "KVCache | None"):
+    """positions (T,) of the tokens, and for a cached forward the positions to write and the mask.
+
+    start_pos=None: no cache, positions 0..T-1, (positions, None, None): SDPA's causal mask. An int
+    (or a 0-d int64 tensor, which a CUDA graph can update in place): the tokens sit at
+    start_pos..start_pos+T-1 and attend to every earlier cached position, (positions, positions,
+    mask (T, max_len)). A tensor start_pos is not range-checked (that would read it back to the host).
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    positions = torch.arange(T, device=input_ids.device) + (0 if start_pos is None else start_pos)  # (T,)
+    if start_pos is None:
+        return positions, None, None
+    if cache is None:
+        raise ValueError("start_pos given but there is no KV cache: call model.setup_cache(...) first")
+    batch, max_len = cache.k.shape[0], cache.k.shape[2]
+    if isinstance(start_pos, int) and (B > batch or start_pos + T > max_len):
+        raise ValueError(f"batch {B} x positions {start_pos}..{start_pos + T - 1} do not fit the cache "
+                         f"{batch} x {max_len}: call setup_cache with larger sizes")
+    # Query at position p sees cached positions 0..p: causal over the whole static cache.
+    mask = positions[:, None] >= torch.arange(max_len, device=input_ids.device)[None, :]  # (T, max_len)
+    return positions, positions, mask
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -266,6 +291,9 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------- the model
 
 class Llama(nn.Module):
+    # The block's linear layers by module name: what quantization and LoRA ("all-linear") act on.
+    LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
@@ -293,22 +321,7 @@ class Llama(nn.Module):
         their keys/values go into the cache (see setup_cache) and they attend to every earlier position.
         A tensor start_pos is not range-checked (that would read it back to the host).
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        positions = torch.arange(T, device=input_ids.device) + (0 if start_pos is None else start_pos)  # (T,)
-        cache_positions, mask = None, None                 # None: no cache, SDPA's causal mask
-        if start_pos is not None:
-            cache = self.model.layers[0].self_attn.kv_cache
-            if cache is None:
-                raise ValueError("start_pos given but there is no KV cache: call model.setup_cache(...) first")
-            batch, max_len = cache.k.shape[0], cache.k.shape[2]
-            if isinstance(start_pos, int) and (B > batch or start_pos + T > max_len):
-                raise ValueError(f"batch {B} x positions {start_pos}..{start_pos + T - 1} do not fit the cache "
-                                 f"{batch} x {max_len}: call setup_cache with larger sizes")
-            # Query at position p sees cached positions 0..p: causal over the whole static cache.
-            mask = positions[:, None] >= torch.arange(max_len, device=input_ids.device)[None, :]  # (T, max_len)
-            cache_positions = positions
+        positions, cache_positions, mask = cache_inputs(input_ids, start_pos, self.model.layers[0].self_attn.kv_cache)
         x = self.model.embed_tokens(input_ids)                                         # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)                     # (T, hd) each
         use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled() and start_pos is None

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import yaml
 
-from qlora.lora import LINEAR_NAMES
-
 DEFAULT_MODEL = "configs/tiny-llama.json"  # a small randomly initialised Llama, for the demo
 
 
@@ -29,8 +27,10 @@ def option(default, help: str):
 @dataclass
 class TrainConfig:
     # model
-    base_model: str = option(DEFAULT_MODEL, "HF checkpoint dir or hub id; or a config.json: a random Llama (the demo)")
-    tokenizer: str = option("", "tokenizer.model path; empty: the base model's own, or (demo) one trained on the data")
+    base_model: str = option(DEFAULT_MODEL, "HF checkpoint dir or hub id (Llama or Falcon, by its config.json's "
+                                            "model_type); or a config.json: a random model (the demo)")
+    tokenizer: str = option("", "tokenizer.model or tokenizer.json path; empty: the base model's own, or (demo) "
+                                "one trained on the data")
     load_in_4bit: bool = option(True, "store the frozen base in NF4 with double quantization (QLoRA)")
     adapter: str = option("qlora", "qlora (4-bit base) or lora (bf16/fp32 base)")
     # data
@@ -46,13 +46,15 @@ class TrainConfig:
     lora_alpha: float = option(32, "LoRA alpha: the update is scaled by alpha / r")
     lora_dropout: float = option(0.05, "dropout on the adapter's input")
     lora_target_linear: bool = option(True, "adapt all linear layers but lm_head")
-    lora_target_modules: list = option([], "or adapt these (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+    lora_target_modules: list = option([], "or adapt these (Llama: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                                           "down_proj; Falcon: query_key_value, dense, dense_h_to_4h, dense_4h_to_h)")
     # optimisation
     optimizer: str = option("paged_adamw_32bit", "paged_adamw_32bit (state in CUDA managed memory) or adamw_torch")
     learning_rate: float = option(1e-3, "peak learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
     lr_scheduler: str = option("cosine", "cosine (decay to 0 after warm-up) or constant")
     warmup_steps: int = option(10, "optimizer steps of linear warm-up")
+    warmup_ratio: float = option(0.0, "if > 0: warm up over this fraction of the steps instead (rounded up)")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this")
     micro_batch_size: int = option(8, "sequences per forward/backward")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
@@ -134,9 +136,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         bad("lora_target_linear: true and lora_target_modules both set: choose one")
     if not cfg.lora_target_linear and not cfg.lora_target_modules:
         bad("no LoRA targets: set lora_target_linear: true or list lora_target_modules")
-    unknown = [m for m in cfg.lora_target_modules if m not in LINEAR_NAMES]
-    if unknown:
-        bad(f"unknown lora_target_modules {unknown}; valid: {list(LINEAR_NAMES)}")
+    # Which names are valid depends on the architecture (Llama's q_proj ... down_proj, Falcon's
+    # query_key_value ...): train.py checks them against config.json's model before loading weights.
     if cfg.optimizer not in ("paged_adamw_32bit", "adamw_torch"):
         bad(f"optimizer {cfg.optimizer!r} is not supported: use paged_adamw_32bit or adamw_torch")
     if cfg.lr_scheduler not in ("cosine", "constant"):
@@ -145,7 +146,9 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
                  "logging_steps", "eval_steps", "save_steps"):
         if getattr(cfg, name) <= 0:
             bad(f"{name} must be > 0, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "max_steps", "weight_decay", "lora_dropout", "val_set_size", "max_grad_norm"):
+    if cfg.warmup_ratio >= 1:
+        bad(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    for name in ("warmup_ratio", "warmup_steps", "max_steps", "weight_decay", "lora_dropout", "val_set_size", "max_grad_norm"):
         if getattr(cfg, name) < 0:
             bad(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.lora_dropout < 1:
@@ -196,7 +199,7 @@ def load_yaml(path: str | Path) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """`--config FILE` plus `--key value` for any TrainConfig field (command line wins)."""
-    parser = argparse.ArgumentParser(description="QLoRA fine-tuning of a Llama model. Every key below can "
+    parser = argparse.ArgumentParser(description="QLoRA fine-tuning of a Llama or Falcon model. Every key below can "
                                      "also be set in the --config file; the command line wins.")
     parser.add_argument("--config", help="a YAML file (axolotl-style keys)")
     defaults = TrainConfig()

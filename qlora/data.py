@@ -11,8 +11,8 @@ Row types (axolotl's names):
 * "alpaca": {instruction, input, output} with the Stanford Alpaca template ("input" may be empty).
 
 Sources: a local JSON (a list of rows) or JSONL file, or a folder of them; a Hugging Face hub
-dataset id ("owner/name"), whose JSON/JSONL files are downloaded; or "builtin:sql", the generated
-dataset of qlora/sql_dataset.py, which needs no network.
+dataset id ("owner/name"), whose JSON/JSONL files are downloaded; or "builtin:sql" / "builtin:finance",
+the generated datasets of qlora/sql_dataset.py / qlora/finance_dataset.py, which need no network.
 
 Lengths. A row whose prompt alone fills sequence_len leaves no token to learn from: that is an
 error naming the row (raise sequence_len or remove the row). A row whose completion does not fit
@@ -35,9 +35,11 @@ import numpy as np
 import torch
 
 from qlora.loss import IGNORE_INDEX
+from qlora.finance_dataset import finance_rows
 from qlora.sql_dataset import sql_rows
 
 BUILTIN_SQL = "builtin:sql"
+BUILTIN_FINANCE = "builtin:finance"    # alpaca rows of qlora/finance_dataset.py, finance-alpaca's stand-in
 
 CONTEXT_QA_PROMPT = ("SYSTEM: Use the following contextual information to concisely answer the question.\n\n"
                      "USER: {context}\n===\n{question}\nASSISTANT:")
@@ -131,6 +133,8 @@ def load_rows(path: str, data_files: list[str] | None = None) -> list[dict]:
     """Rows from a local JSON/JSONL file or folder, a hub dataset id, or builtin:sql."""
     if path == BUILTIN_SQL:
         return sql_rows()
+    if path == BUILTIN_FINANCE:
+        return finance_rows()
     local = Path(path)
     if local.is_dir():
         files = sorted(p for p in local.rglob("*") if p.suffix in (".json", ".jsonl"))
@@ -142,7 +146,7 @@ def load_rows(path: str, data_files: list[str] | None = None) -> list[dict]:
         files = _download_from_hub(path, data_files)
     else:
         raise FileNotFoundError(f"dataset {path!r} not found: pass a JSON/JSONL file, a hub dataset id "
-                                f"(owner/name) or {BUILTIN_SQL}")
+                                f"(owner/name), {BUILTIN_SQL} or {BUILTIN_FINANCE}")
     return [row for f in files for row in _read_json_file(f)]
 
 

@@ -34,13 +34,19 @@ def pick_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.bf16 in (True, "auto") else torch.float32
 
 
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """warmup_steps, or warmup_ratio of the run when set (transformers' rule: rounded up)."""
+    return math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio else cfg.warmup_steps
+
+
 def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Linear warm-up to the peak learning rate, then cosine decay to 0 (or constant)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / (cfg.warmup_steps + 1)
+    warmup = warmup_steps(cfg, total_steps)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
     if cfg.lr_scheduler == "constant":
         return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    progress = (step - warmup) / max(1, total_steps - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 

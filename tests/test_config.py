@@ -45,7 +45,6 @@ def test_defaults_are_valid():
     ({"adapter": "qlora", "load_in_4bit": False}, "load_in_4bit"),
     ({"adapter": "lora", "load_in_4bit": True}, "QLoRA"),
     ({"lora_target_modules": ["q_proj"]}, "choose one"),
-    ({"lora_target_linear": False, "lora_target_modules": ["qkv"]}, "unknown lora_target_modules"),
     ({"lora_r": 0}, "lora_r must be > 0"),
     ({"learning_rate": -1}, "learning_rate"),
     ({"micro_batch_size": "two"}, "micro_batch_size"),
