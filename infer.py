@@ -31,7 +31,8 @@ from falcon.load import load_base
 from llama.load import config_path, is_random_base, model_dir
 from llama.tokenizer import TOKENIZER_FILES, load_tokenizer
 from qlora.config import TrainConfig
-from qlora.data import check_rows, format_row, load_rows
+from qlora.data import BUILTIN_SQL, check_rows, format_row, load_rows
+from qlora import progress
 from qlora.adapter import load_adapter, merged_state_dict, read_adapter_config, save_merged
 from qlora.sql_eval import score
 from qlora.errors import read_json, read_text, run_cli
@@ -40,8 +41,17 @@ from qlora.trainer import pick_device
 TRAINING_CONFIG = "training_config.json"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help gives each option's default, where it has one to show (not None, "", or a flag's False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--base", help="base model: checkpoint dir, hub id or (demo) config.json; "
                                   "default: the adapter's base_model_name_or_path")
     p.add_argument("--adapter", help="adapter directory (ours or PEFT's: the same files)")
@@ -64,10 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="read prompts from stdin (context_qa: CONTEXT ||| QUESTION; alpaca: the instruction)")
     p.add_argument("--eval", help="JSON/JSONL rows {context, question, answer}, or builtin:sql: score generated SQL")
     p.add_argument("--eval_limit", type=int, default=0, help="score only the first N rows (0: all)")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--batch_size", type=int, default=8, help="prompts generated together (--prompts, --eval)")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="stop each completion after this many tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                                                           "with this much probability (1: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--eager", action="store_true",
                    help="on a GPU, run the decode step eagerly instead of replaying it as a CUDA graph "
@@ -238,6 +249,7 @@ def run(argv=None) -> int:
         encoded = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         texts = [""] * len(prompts)
+        bar = progress.bar(total=len(prompts), desc="generating", unit="prompt", enabled=not stream)
         for start in range(0, len(prompts), args.batch_size):
             rows = order[start:start + args.batch_size]
             ids = [encoded[i] for i in rows]
@@ -257,16 +269,23 @@ def run(argv=None) -> int:
             new_tokens += sum(len(o) for o in out)
             for i, o in zip(rows, out):
                 texts[i] = tokenizer.decode(o).strip()
+            bar.update(len(rows))
             if on_token is not None:
                 print(text_stream.flush(), flush=True)
+        bar.close()
         return texts
 
     if args.eval:
+        if args.eval == BUILTIN_SQL:
+            print(f"warning: {BUILTIN_SQL} holds the demo's training rows, so this scores memory, not "
+                  "generalisation; for held-out rows: python -m qlora.sql_dataset --held_out --rows 100 "
+                  "--seed 1 --out heldout.jsonl, then --eval heldout.jsonl", file=sys.stderr)
         rows = load_rows(args.eval)
         check_rows(rows, "context_qa", args.eval)
         rows = rows[:args.eval_limit or None]
         predictions = complete([format_row(r, "context_qa")[0] for r in rows])
-        print(score(rows, predictions).table(f"{Path(args.eval).name}"))
+        model_name = f"{base} + {args.adapter}" if args.adapter else f"{base} (no adapter)"
+        print(score(rows, predictions).table(model_name, Path(args.eval).name))
     for prompt in streamed:
         complete([prompt], stream=True)
     if batched:

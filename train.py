@@ -27,6 +27,7 @@ from llama.tokenizer import load_tokenizer, train_bpe_tokenizer, train_tokenizer
 from qlora.checkpoint import (check_resume_config, find_checkpoint, list_checkpoints, load_checkpoint, rng_state,
                               save_checkpoint)
 from qlora.config import TrainConfig, parse_args
+from qlora.event_log import log_record, open_event_log
 from qlora.data import Batches, batches_in_order, check_type, format_row, load_rows, pad_id_of, prepare_data
 from qlora.adapter import save_adapter
 from qlora.atomic import check_writable_dir, clean_leftovers, write_file
@@ -34,6 +35,7 @@ from qlora.errors import run_cli
 from qlora.lora import apply_lora, check_target_names, trainable_summary
 from qlora.loss import causal_lm_loss
 from qlora.metrics import MetricsLog, read_metrics
+from qlora import progress
 from qlora.trainer import (load_training_state, make_optimizer, memory_gib, mixed_precision, optimizer_step,
                            pick_device, pick_dtype)
 
@@ -165,7 +167,9 @@ def main(argv=None) -> int:
     @torch.no_grad()
     def evaluate() -> float:
         model.eval()
-        losses = [loss_of(b).item() for b in batches_in_order(data.val, cfg.micro_batch_size, pad_id, pad_to)]
+        val = batches_in_order(data.val, cfg.micro_batch_size, pad_id, pad_to)
+        n_batches = math.ceil(len(data.val) / cfg.micro_batch_size)
+        losses = [loss_of(b).item() for b in progress.bar(val, n_batches, "eval", "batch", leave=False)]
         model.train()
         return sum(losses) / max(1, len(losses))
 
@@ -176,16 +180,18 @@ def main(argv=None) -> int:
         path = save_checkpoint(out, at_step, model, lambda d: save_adapter(model, d, cfg.base_model, overwrite=True,
                                                                            extra_files=adapter_extras),
                                trainer_state)
-        print(f"saved {path}")
+        progress.write(f"saved {path}")
         return path
 
     # ---- the loop
     # metrics.jsonl: one line per step; on resume, drop the lines of steps that will run again
     metrics = MetricsLog(out / "metrics.jsonl", step if resume is not None else None)
+    events = open_event_log(out, step if resume is not None else None)     # TensorBoard, if installed
     model.train()
     last_saved = resume[0] if resume is not None else None
     tokens_seen, t_log = 0, time.time()
     step_data, step_rng = batches.state_dict(), rng_state()
+    bar = progress.bar(total=total_steps, initial=step, desc="training", unit="step")
     try:
         while step < total_steps:
             step_data, step_rng = batches.state_dict(), rng_state()   # what a Ctrl-C save restores
@@ -204,6 +210,9 @@ def main(argv=None) -> int:
                 return 1
             grad_norm, lr = optimizer_step(optimizer, scaler, scheduler, params, cfg.max_grad_norm)
             step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss_avg:.4f}", tok_s=f"{tokens_seen / max(time.time() - t_log, 1e-9):.0f}",
+                            mem=f"{memory_gib(device):.2f}GiB", refresh=False)
 
             record = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm,
                       "epoch": round(batches.epochs_done, 4)}
@@ -214,9 +223,10 @@ def main(argv=None) -> int:
                 record.update(tokens_per_s=round(tokens_seen / elapsed, 1), mem_gib=round(memory_gib(device), 2))
                 tokens_seen, t_log = 0, time.time()
                 evals = f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""
-                print(f"step {step:5d}/{total_steps} loss {loss_avg:.4f}{evals} lr {lr:.2e} "
-                      f"{record['tokens_per_s']:.0f} tok/s mem {record['mem_gib']:.2f} GiB", flush=True)
+                progress.write(f"step {step:5d}/{total_steps} loss {loss_avg:.4f}{evals} lr {lr:.2e} "
+                               f"{record['tokens_per_s']:.0f} tok/s mem {record['mem_gib']:.2f} GiB")
             metrics.append(record)
+            log_record(events, record)
             if step % cfg.save_steps == 0 or step == total_steps:
                 last_saved = save(step, batches.state_dict(), rng_state())
     except KeyboardInterrupt:
@@ -226,29 +236,43 @@ def main(argv=None) -> int:
         save(step, step_data, step_rng)
         return 130
     finally:
+        bar.close()
         metrics.close()
+        if events is not None:
+            events.close()
     adapter_dir = save_adapter(model, out / "adapter", cfg.base_model, overwrite=True, extra_files=adapter_extras)
     print(f"done: adapter in {adapter_dir}")
     plot_loss(out)
     return 0
 
 
-def plot_loss(out: Path) -> None:
-    """loss.png from metrics.jsonl, if matplotlib is installed (pip install -e '.[plot]')."""
+def plot_loss(out: Path) -> Path | None:
+    """loss.png from metrics.jsonl: train and eval loss against the step, the learning rate on a
+    second axis (warm-up and decay explain the curve's bends). Written atomically."""
     try:
         import matplotlib
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")                                # no display needed
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError:                                      # a dependency, but an old environment may lack it
         print("note: matplotlib is not installed, no loss.png (pip install matplotlib)")
-        return
+        return None
     rows = read_metrics(out / "metrics.jsonl")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
     evals = [r for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
     ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
-    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend()
-    write_file(out / "loss.png", lambda tmp: fig.savefig(tmp, dpi=100))
+    ax.set_xlabel("step"), ax.set_ylabel("loss")
+    lr_ax = ax.twinx()
+    lr_ax.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="gray", ls="--", lw=1,
+               label="learning rate")
+    lr_ax.set_ylabel("learning rate")
+    lines = ax.get_lines() + lr_ax.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
+    fig.tight_layout()
+    path = write_file(out / "loss.png", lambda tmp: fig.savefig(tmp, dpi=100))
+    plt.close(fig)
+    print(f"loss curve in {path}")
+    return path
 
 
 if __name__ == "__main__":

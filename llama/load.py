@@ -22,8 +22,7 @@ from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
 from llama.model import Llama, LlamaConfig, rope_inv_freq
-from qlora import bnb_format
-from qlora import errors
+from qlora import bnb_format, errors, progress
 from qlora.linear4bit import QUANT_CHUNK_NUMEL, Linear4bit
 from qlora.nf4 import BLOCKSIZES, FLOAT_DTYPES
 
@@ -76,9 +75,11 @@ def load_weights(model_class, read_config, directory: Path, device="cpu", dtype:
     tied = next((name for name, p in model.named_parameters() if p is model.lm_head.weight), None)
     tied = None if tied == "lm_head.weight" else tied
     loaded = set()
+    bar = progress.bar(total=_count_tensors(files), desc="quantizing" if load_in_4bit else "loading", unit="tensor")
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
+                bar.update()
                 if name.endswith("rotary_emb.inv_freq"):   # a buffer old transformers versions saved
                     continue
                 if name == "lm_head.weight" and tied:
@@ -118,6 +119,7 @@ def load_weights(model_class, read_config, directory: Path, device="cpu", dtype:
                     tensor = f.get_tensor(name).to(device=device, dtype=dtype)
                     setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
                 loaded.add(name)
+    bar.close()
 
     missing = sorted(expected.keys() - loaded)
     if missing:
@@ -185,7 +187,7 @@ def random_llama(config_path: str | Path, device, dtype: torch.dtype, load_in_4b
 
 def quantize_linears(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Replace every nn.Linear named in model.LINEAR_NAMES by its Linear4bit (bias kept), in place."""
-    for name, module in list(model.named_modules()):
+    for name, module in progress.bar(list(model.named_modules()), desc="quantizing", unit="module"):
         parent, _, child = name.rpartition(".")
         if child in model.LINEAR_NAMES and isinstance(module, nn.Linear):
             layer = quantize_weight(module.weight, module.weight.device, dtype)
@@ -239,6 +241,15 @@ def safetensors_files(directory: Path) -> list[Path]:
         raise ValueError(f"{directory} holds only pickle weights ({pickles[0]}), which can run code when "
                          f"loaded: only safetensors load here; convert them or download the safetensors files")
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+
+
+def _count_tensors(files: list[Path]) -> int:
+    """How many tensors the files hold (read from their headers only): the loading bar's total."""
+    total = 0
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            total += len(f.keys())
+    return total
 
 
 def read_json(path: Path) -> dict:

@@ -13,6 +13,8 @@ the old directory is deleted only once the new one is in place.
 A process killed mid-write leaves its hidden temporaries behind (`.NAME.tmp-PID-HEX`, and, where
 directories are renamed aside, `.NAME.old-PID-HEX`; remove_dir's `.NAME.del-PID-HEX`):
 clean_leftovers(directory) removes those of processes no longer running, at the start of a run.
+Every file written gets the mode a plain open() would give it (0644 under the usual umask 022):
+some writers (safetensors' save_file) create 0600 files, which other users and tools then cannot read.
 """
 
 import ctypes
@@ -23,6 +25,15 @@ import secrets
 import shutil
 from pathlib import Path
 from typing import Callable
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)                              # the only portable way to read the umask is to set it
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()                            # read once, at import (umask is process-wide)
 
 
 def _temp_name(path: Path, kind: str) -> Path:
@@ -49,6 +60,7 @@ def write_file(path, write: Callable[[Path], None]) -> Path:
     tmp = _temp_name(path, "tmp")
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException as e:
@@ -98,6 +110,8 @@ def write_dir(path, write: Callable[[Path], None], overwrite: bool = False) -> P
     try:
         write(tmp)
         for file in tmp.rglob("*"):
+            if file.is_file():
+                os.chmod(file, FILE_MODE)
             _fsync(file)
         _fsync(tmp)
         if not path.exists():

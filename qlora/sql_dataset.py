@@ -7,7 +7,8 @@ dozen templates (counts, lookups, aggregates, filters, grouping, ordering, a joi
 tables; each context lists the columns the query needs plus a few distractors, in random order.
 The same seed gives the same rows; every answer runs on its schema in sqlite3 (tests/test_data.py).
 
-    python -m qlora.sql_dataset --rows 3000 --seed 0 --out sql.jsonl
+    python -m qlora.sql_dataset --rows 3000 --seed 0 --out sql.jsonl                   # builtin:sql itself
+    python -m qlora.sql_dataset --held_out --rows 100 --seed 1 --out heldout.jsonl     # none of those rows
 """
 
 import argparse
@@ -250,18 +251,33 @@ def sql_rows(n: int = DEFAULT_ROWS, seed: int = 0) -> list[dict]:
     raise ValueError(f"could only make {len(rows)} distinct rows, asked for {n}")
 
 
+def held_out_rows(n: int, seed: int) -> list[dict]:
+    """`n` rows drawn with `seed`, none of them in builtin:sql (sql_rows() with its defaults, what the
+    demo trains and validates on): another seed alone repeats about 6% of them."""
+    if n <= 0:
+        raise ValueError(f"n must be a positive number of rows, got {n}")
+    if seed == 0:
+        raise ValueError("seed 0 draws builtin:sql's own rows: pass another --seed for held-out rows")
+    training = {(r["context"], r["question"]) for r in sql_rows()}
+    rows = [r for r in sql_rows(2 * n + 100, seed) if (r["context"], r["question"]) not in training]
+    return rows[:n]
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
     """Write rows as JSON lines, atomically (qlora/atomic.py: never half-written)."""
     write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="write the built-in SQL dataset as JSONL")
+    parser = argparse.ArgumentParser(description="write the built-in SQL dataset as JSONL",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--rows", type=int, default=DEFAULT_ROWS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="a .jsonl path; without it, print three rows")
+    parser.add_argument("--held_out", action="store_true",
+                        help="leave out every row of builtin:sql (the demo's training rows): rows to score it on")
     args = parser.parse_args(argv)
-    rows = sql_rows(args.rows, args.seed)
+    rows = held_out_rows(args.rows, args.seed) if args.held_out else sql_rows(args.rows, args.seed)
     if args.out:
         write_jsonl(rows, args.out)
         print(f"wrote {len(rows)} rows to {args.out}")

@@ -54,9 +54,11 @@ class SQLScores:
     def runs_rate(self) -> float:
         return self.runs / self.rows if self.rows else 0.0
 
-    def table(self, title: str = "SQL evaluation") -> str:
-        return (f"| {title} | rows | exact match | runs on schema |\n| --- | --- | --- | --- |\n"
-                f"| | {self.rows} | {self.exact} ({self.exact_rate:.1%}) | {self.runs} ({self.runs_rate:.1%}) |")
+    def table(self, model: str = "model", rows: str = "rows") -> str:
+        """A markdown table of one labelled row: which model, on which rows, and its scores."""
+        return ("| model | rows | exact match | runs on schema |\n| --- | --- | --- | --- |\n"
+                f"| {model} | {self.rows} ({rows}) | {self.exact} ({self.exact_rate:.1%}) "
+                f"| {self.runs} ({self.runs_rate:.1%}) |")
 
 
 def score(rows: list[dict], predictions: list[str]) -> SQLScores:

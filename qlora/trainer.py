@@ -1,9 +1,10 @@
 """The training step's setup, shared by train.py and bench/train_step.py (so the benchmark times
 train.py's code): device and compute dtype, optimizer and learning-rate schedule, autocast and
-loss scaling, the optimizer step, and peak memory.
+loss scaling, the optimizer step, and peak memory (GPU allocated, or the process's RSS on the CPU).
 """
 
 import math
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -107,5 +108,13 @@ def optimizer_step(optimizer, scaler, scheduler, params, max_grad_norm: float) -
 
 
 def memory_gib(device: torch.device) -> float:
-    """Peak allocated GPU memory so far, GiB (0 on the CPU)."""
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    """Peak memory so far, GiB: on a GPU what PyTorch allocated there; elsewhere the process's peak
+    resident set size (all of it: Python, the model, the data), or 0 where the OS does not say."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource                               # Unix only
+    except ImportError:
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20   # bytes on macOS, KiB on Linux

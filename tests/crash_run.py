@@ -41,6 +41,7 @@ except ImportError:
     pass
 
 import qlora.adapter  # noqa: E402
+import qlora.progress  # noqa: E402
 import train  # noqa: E402
 from qlora.errors import run_cli  # noqa: E402
 from qlora.metrics import read_metrics  # noqa: E402
@@ -101,6 +102,15 @@ def install_kill(kill: dict, counter: list, note: Path) -> None:
             die(note)
 
     builtins.print = printing
+    real_write = qlora.progress.write
+
+    def writing(line: str) -> None:                       # train.py's log lines above the progress bar
+        real_write(line)
+        if kill.get("after") and str(line).startswith(kill["after"]):
+            WHERE["event"] = "print " + kill["after"]
+            die(note)
+
+    qlora.progress.write = writing
 
 
 def run_child(out: Path, argv: list[str], kill: dict, log: Path) -> dict:

@@ -2,8 +2,11 @@
 temporary behind; directories are swapped so that the old one lasts until the new one is in place."""
 
 import os
+import stat
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from qlora import atomic
 
@@ -141,3 +144,22 @@ def test_a_writer_failing_on_a_full_disk_is_reported_as_one(tmp_path, monkeypatc
     monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: usage(10**9, 0, 10**9))
     with pytest.raises(RuntimeError):                     # plenty of space: the writer's own error
         atomic.write_dir(tmp_path / "checkpoint-4", torch_save_on_a_full_disk)
+
+def test_every_file_gets_the_mode_open_gives_safetensors_too(tmp_path):
+    """safetensors' save_file creates 0600 files; what we keep is 0644 (under umask 022) like the rest."""
+    mask = os.umask(0)
+    os.umask(mask)
+    expected = 0o666 & ~mask
+
+    def mode(path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    tensors = {"w": torch.zeros(2)}
+    save_file(tensors, tmp_path / "plain.safetensors")
+    assert mode(tmp_path / "plain.safetensors") == 0o600                # what the atomic writes correct
+    atomic.write_file(tmp_path / "a.safetensors", lambda tmp: save_file(tensors, tmp))
+    atomic.write_dir(tmp_path / "adapter", lambda d: (save_file(tensors, d / "adapter_model.safetensors"),
+                                                      (d / "adapter_config.json").write_text("{}")))
+    atomic.write_text(tmp_path / "rows.jsonl", "{}\n")
+    for path in [tmp_path / "a.safetensors", tmp_path / "rows.jsonl", *(tmp_path / "adapter").iterdir()]:
+        assert mode(path) == expected, path

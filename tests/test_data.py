@@ -14,7 +14,7 @@ import torch
 
 from qlora.data import (IGNORE_INDEX, Batches, Example, batches_in_order, collate, format_row, load_rows,
                         pack, pad_id_of, prepare_data, split_train_val, tokenize_example, tokenize_rows)
-from qlora.sql_dataset import sql_rows, write_jsonl
+from qlora.sql_dataset import held_out_rows, sql_rows, write_jsonl
 from conftest import LLAMA2_TOKENIZER
 
 ROW = {"context": "CREATE TABLE head (age INTEGER)", "question": "How many heads are older than 56?",
@@ -316,3 +316,14 @@ def test_sql_dataset_is_deterministic_given_a_seed():
         assert any(clause in a for a in answers), clause  # every template shows up
     with pytest.raises(ValueError, match="positive"):
         sql_rows(0)
+
+
+def test_held_out_rows_share_no_row_with_builtin_sql(tmp_path):
+    training = {(r["context"], r["question"]) for r in load_rows("builtin:sql")}
+    another_seed = sql_rows(300, seed=1)
+    assert any((r["context"], r["question"]) in training for r in another_seed)   # why a seed is not enough
+    held_out = held_out_rows(300, seed=1)
+    assert len(held_out) == 300 and held_out == held_out_rows(300, seed=1)
+    assert not any((r["context"], r["question"]) in training for r in held_out)
+    with pytest.raises(ValueError, match="another --seed"):
+        held_out_rows(10, seed=0)

@@ -123,6 +123,19 @@ def test_prompts_file_batched_by_length_gives_each_prompt_its_batch_1_completion
     assert batched == alone
 
 
+def test_a_watched_run_shows_loading_and_generation_bars_on_stderr_and_keeps_stdout_clean(files, tmp_path, capsys,
+                                                                                          monkeypatch):
+    from qlora import progress
+
+    monkeypatch.setattr(progress, "interactive", lambda: True)   # as if stderr were a terminal
+    (tmp_path / "p.txt").write_text("Hello\nQLoRA\nNumbers: 1234\n")
+    assert infer.main([str(a) for a in ("--adapter", files["ours"], "--tokenizer", files["tokenizer"],
+                                        "--max_new_tokens", 4, "--batch_size", 2, "--prompts", tmp_path / "p.txt")]) == 0
+    out, err = capsys.readouterr()
+    assert "generating: 100%" in err and "3/3" in err and "quantizing: 100%|" in err and "21/21" in err, err
+    assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["Hello", "QLoRA", "Numbers: 1234"]
+
+
 # ----------------------------------------------------------------------------- merge and export
 
 def test_merged_export_reloads_in_our_loader_and_transformers(files, tmp_path, capsys):
@@ -183,10 +196,20 @@ def test_eval_scores_exact_match_and_runs_on_schema(files, tmp_path, capsys, mon
     write_jsonl([row for row, _ in EVAL_ROWS], tmp_path / "rows.jsonl")
     table = run_infer(capsys, "--base", files["ckpt"], "--tokenizer", files["tokenizer"], "--eval",
                       tmp_path / "rows.jsonl", "--batch_size", 3, "--max_new_tokens", 16)
-    assert "| | 4 | 1 (25.0%) | 3 (75.0%) |" in table
+    assert "| model | rows | exact match | runs on schema |" in table
+    assert f"| {files['ckpt']} (no adapter) | 4 (rows.jsonl) | 1 (25.0%) | 3 (75.0%) |" in table
     table = run_infer(capsys, "--base", files["ckpt"], "--tokenizer", files["tokenizer"], "--eval",
                       tmp_path / "rows.jsonl", "--eval_limit", 1, "--max_new_tokens", 16)
-    assert "| | 1 | 1 (100.0%) | 1 (100.0%) |" in table
+    assert f"| {files['ckpt']} (no adapter) | 1 (rows.jsonl) | 1 (100.0%) | 1 (100.0%) |" in table
+
+
+def test_eval_on_builtin_sql_warns_that_those_are_training_rows(files, capsys, monkeypatch):
+    monkeypatch.setattr(infer, "generate", lambda model, prompt_ids, *a, **k: [[] for _ in prompt_ids])
+    assert infer.main([str(a) for a in ("--base", files["ckpt"], "--tokenizer", files["tokenizer"], "--eval",
+                                         "builtin:sql", "--eval_limit", 2, "--max_new_tokens", 4)]) == 0
+    table, warning = capsys.readouterr()
+    assert "| 2 (builtin:sql) | 0 (0.0%) | 0 (0.0%) |" in table
+    assert "training rows" in warning and "python -m qlora.sql_dataset --held_out" in warning
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -196,6 +219,24 @@ def test_adapter_for_another_base_model_is_refused(files, tmp_path):
     with pytest.raises(SystemExit, match=r"does not fit this model.*--base"):
         infer.main(["--base", str(other), "--adapter", str(files["peft"]), "--tokenizer", str(files["tokenizer"]),
                     "--prompt", "hi"])
+
+
+def test_help_lists_every_option_with_its_default_and_meaning(capsys, monkeypatch):
+    import argparse
+
+    parsers, real_parse = [], argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
+                        lambda self, *a, **k: parsers.append(self) or real_parse(self, *a, **k))
+    with pytest.raises(SystemExit):
+        infer.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())          # argparse wraps long lines
+    for action in parsers[0]._actions:
+        option = action.option_strings[-1]
+        assert action.help, option
+        shown = action.default is not None and action.default is not False and action.default != ""
+        if shown and option != "--help":
+            assert f"{' '.join(action.help.split())} (default: {action.default})" in out, option
+    assert "--eval_limit EVAL_LIMIT score only the first N rows (0: all) (default: 0)" in out
 
 
 @pytest.mark.parametrize("case, message", [
@@ -257,7 +298,8 @@ def test_train_then_infer_end_to_end(tmp_path):
                            "--eval", str(tmp_path / "eval.jsonl")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "| eval.jsonl | rows | exact match | runs on schema |" in done.stdout
+    assert "| model | rows | exact match | runs on schema |" in done.stdout
+    assert f" + {tmp_path / 'out' / 'adapter'} | 3 (eval.jsonl) |" in done.stdout
     assert done.stdout.strip().splitlines()[-1].strip()          # the streamed answer
     assert "tokens/s" in done.stderr
 
