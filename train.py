@@ -23,7 +23,7 @@ from qlora.config import TrainConfig, parse_args
 from qlora.data import Batches, batches_in_order, format_row, load_rows, pad_id_of, prepare_data
 from qlora.demo import random_llama, train_tokenizer
 from qlora.lora import apply_lora, save_adapter, trainable_summary
-from qlora.loss import causal_lm_loss
+from qlora.loss import causal_lm_loss, label_count
 from qlora.paged_adamw import PagedAdamW
 
 
@@ -125,18 +125,21 @@ def main(argv=None) -> int:
         step = state["step"]
         print(f"resumed from {resume} at step {step}")
 
-    def loss_of(batch):
+    def loss_of(batch, num_items: int):
         input_ids = batch["input_ids"].to(device)
         with autocast:
             hidden = model(input_ids, return_hidden=True)                      # (B, T, C)
-            return causal_lm_loss(hidden, model.lm_head.weight, batch["labels"].to(device))
+            return causal_lm_loss(hidden, model.lm_head.weight, batch["labels"].to(device), num_items=num_items)
 
     @torch.no_grad()
     def evaluate() -> float:
+        """Token-weighted like training: all val token losses summed / all val label tokens."""
         model.eval()
-        losses = [loss_of(b).item() for b in batches_in_order(data.val, cfg.micro_batch_size, pad_id, pad_to)]
+        val = list(batches_in_order(data.val, cfg.micro_batch_size, pad_id, pad_to))
+        num_items = sum(label_count(b["labels"]) for b in val)
+        loss = sum(loss_of(b, num_items).item() for b in val)
         model.train()
-        return sum(losses) / max(1, len(losses))
+        return loss
 
     def save(at_step: int, data_state: dict, rng: dict) -> Path:
         trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -162,14 +165,9 @@ def main(argv=None) -> int:
     try:
         while step < total_steps:
             step_data, step_rng = batches.state_dict(), rng_state()   # what a Ctrl-C save restores
-            loss_sum = 0.0
-            for _ in range(cfg.gradient_accumulation_steps):
-                batch = next(batches)
-                loss = loss_of(batch)
-                scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-                loss_sum += loss.item()
-                tokens_seen += int((batch["attention_mask"]).sum())
-            loss_avg = loss_sum / cfg.gradient_accumulation_steps
+            micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+            loss_avg = accumulate_gradients(micro_batches, loss_of, lambda loss: scaler.scale(loss).backward())
+            tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro_batches)
             if not math.isfinite(loss_avg):
                 where = f"; the last good checkpoint is {last_saved}" if last_saved else ""
                 print(f"error: loss is {loss_avg} at step {step + 1}: stopping without saving{where}. "
@@ -205,6 +203,21 @@ def main(argv=None) -> int:
     print(f"done: adapter in {adapter_dir}")
     plot_loss(out)
     return 0
+
+
+def accumulate_gradients(micro_batches: list[dict], loss_of, backward) -> float:
+    """Backward over one optimizer step's micro-batches, token-weighted -> the step's loss.
+
+    Each micro-batch's loss is its token-loss sum / the label tokens of the whole step (qlora/loss.py),
+    so the accumulated gradient is that of one batch holding every micro-batch's rows.
+    """
+    num_items = sum(label_count(b["labels"]) for b in micro_batches)
+    total = 0.0
+    for batch in micro_batches:
+        loss = loss_of(batch, num_items)
+        backward(loss)
+        total += loss.item()
+    return total
 
 
 def optimizer_step(optimizer, scaler, scheduler, params, max_grad_norm: float) -> tuple[float, float]:

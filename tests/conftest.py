@@ -104,3 +104,25 @@ def bitsandbytes_on_its_generic_cpu_path():
 
 
 bitsandbytes_on_its_generic_cpu_path()
+
+
+def float64_lora_llama(variant: str = "mha", seed: int = 0, r: int = 4):
+    """Our Llama with the TINY config (+ a VARIANTS entry), LoRA on every linear layer, in float64.
+
+    B is random (not PEFT's zeros) so the adapters change the output and every A and B gets a
+    gradient; dropout 0 so the exact comparisons are deterministic.
+    """
+    from llama.model import Llama, LlamaConfig
+    from qlora.lora import apply_lora, lora_layers
+
+    torch.manual_seed(seed)
+    model = Llama(LlamaConfig(**{k: v for k, v in {**TINY, **VARIANTS[variant]}.items()
+                                 if k != "initializer_range"}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    apply_lora(model, "all-linear", r=r, alpha=2 * r, verbose=False)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_b.normal_(0, 0.1)
+    return model.double()
