@@ -127,8 +127,9 @@ def main(argv=None) -> int:
 
     def loss_of(batch, num_items: int):
         input_ids = batch["input_ids"].to(device)
+        packed = {k: batch[k].to(device) for k in ("position_ids", "segment_ids") if k in batch}  # sample_packing
         with autocast:
-            hidden = model(input_ids, return_hidden=True)                      # (B, T, C)
+            hidden = model(input_ids, return_hidden=True, **packed)            # (B, T, C)
             return causal_lm_loss(hidden, model.lm_head.weight, batch["labels"].to(device), num_items=num_items)
 
     @torch.no_grad()

@@ -162,6 +162,33 @@ def test_eval_scores_exact_match_and_runs_on_schema(files, tmp_path, capsys, mon
     assert "| | 1 | 1 (100.0%) | 1 (100.0%) |" in table
 
 
+def test_prompt_format_comes_from_the_adapters_training_config(files, tmp_path, capsys, monkeypatch):
+    """An adapter trained on context_qa.load_v2 rows (the seed's type) is prompted "Context: ...\n
+    Question: ...\n" and its "Answer: " prefix is stripped before scoring; infer.py says which format."""
+    tokenizer = Tokenizer(files["tokenizer"])
+    adapter = tmp_path / "adapter"
+    shutil.copytree(files["ours"], adapter)
+    (adapter / "training_config.json").write_text(json.dumps({"datasets": [{"path": "x", "type": "context_qa.load_v2"}]}))
+    seen = []
+
+    def fake_generate(model, prompt_ids, *args, **kwargs):    # answers like a load_v2 adapter
+        seen.extend(tokenizer.decode(ids) for ids in prompt_ids)
+        return [tokenizer.encode("Answer: " + row["answer"], bos=False) for row, _ in EVAL_ROWS[:len(prompt_ids)]]
+
+    monkeypatch.setattr(infer, "generate", fake_generate)
+    write_jsonl([row for row, _ in EVAL_ROWS], tmp_path / "rows.jsonl")
+    table = run_infer(capsys, "--base", files["ckpt"], "--adapter", adapter, "--tokenizer", files["tokenizer"],
+                      "--eval", tmp_path / "rows.jsonl", "--batch_size", 4, "--max_new_tokens", 16)
+    assert "| | 4 | 4 (100.0%) | 4 (100.0%) |" in table
+    row = EVAL_ROWS[0][0]
+    assert seen[0] == f"Context: {row['context']}\nQuestion: {row['question']}\n"
+    assert infer.main([str(a) for a in ["--base", files["ckpt"], "--adapter", adapter, "--tokenizer",
+                                        files["tokenizer"], "--context", row["context"], "--question",
+                                        row["question"], "--max_new_tokens", 4]]) == 0
+    assert f"prompt format: context_qa.load_v2 ({adapter / 'training_config.json'})" in capsys.readouterr().err
+    assert seen[-1] == seen[0]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_adapter_for_another_base_model_is_refused(files, tmp_path):
