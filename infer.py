@@ -4,6 +4,7 @@
                     --question "How many heads are older than 56?"          # streamed answer
     python infer.py --adapter out/demo/adapter --eval rows.jsonl            # exact match + runs on schema
     python infer.py --adapter out/demo/adapter --export merged/             # merged bf16 HF checkpoint
+    python infer.py --adapter out/demo/adapter --export merged4/ --4bit     # merged, NF4 (bitsandbytes format)
     python infer.py --base meta-llama/Llama-2-7b-hf --prompt "Hello"             # no adapter
 
 The base defaults to the adapter's base_model_name_or_path. train.py leaves training_config.json
@@ -23,13 +24,12 @@ from pathlib import Path
 import torch
 
 from llama.generate import TextStream, generate
-from llama.load import checkpoint_dir, load_llama
+from llama.load import checkpoint_dir, load_llama, random_llama
 from llama.model import Llama
 from llama.tokenizer import Tokenizer
 from qlora.config import TrainConfig
 from qlora.data import check_rows, load_rows
-from qlora.demo import random_llama
-from qlora.lora import load_adapter, merged_state_dict, read_adapter_config, save_merged
+from qlora.adapter import load_adapter, merged_state_dict, read_adapter_config, save_merged
 from qlora.prompts import QA_TYPES, format_row, sql_prompt, strip_response_prefix
 from qlora.sql_eval import score
 
@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge", action="store_true",
                    help="fold the adapter into dense weights before generating (W + s*BA, no LoRA step)")
     p.add_argument("--export", help="write the merged model as a Hugging Face safetensors checkpoint here")
+    p.add_argument("--4bit", dest="export_4bit", action="store_true",
+                   help="with --export: store the merged linear weights in NF4, in bitsandbytes' format "
+                        "(transformers + bitsandbytes load it; so does this project)")
     p.add_argument("--prompt", help="raw prompt text (no template); streamed")
     p.add_argument("--prompts", help="a file of raw prompts, one per line, generated in batches")
     p.add_argument("--context", default="", help="context_qa: the CREATE TABLE context")
@@ -82,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError("nothing to do: pass --prompt, --prompts FILE, --context/--question, --instruction, "
                          "--interactive, --eval FILE or --export DIR")
     export = Path(args.export) if args.export else None
+    if args.export_4bit and not export:
+        raise ValueError("--4bit applies to --export: pass --export DIR too")
     if export and export.exists() and (not export.is_dir() or any(export.iterdir())):
         raise ValueError(f"--export {export} exists and is not an empty directory: choose a new one or remove it")
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.eval_limit < 0:
@@ -214,7 +219,8 @@ def run(argv=None) -> int:
         if not args.adapter:
             raise ValueError("--export writes base + adapter merged: pass --adapter too")
         config = json.loads((Path(base) if base.endswith(".json") else checkpoint_dir(base) / "config.json").read_text())
-        out = save_merged(model, config, args.export)     # into a temp dir, then renamed: never half-written
+        out = save_merged(model, config, args.export,     # into a temp dir, then renamed: never half-written
+                          load_in_4bit=args.export_4bit)
         tmp = out / (TOKENIZER + ".tmp")                   # the tokenizer too, so the dir is a whole checkpoint
         tmp.write_bytes(tokenizer.sp.serialized_model_proto())
         os.replace(tmp, out / TOKENIZER)
@@ -227,11 +233,18 @@ def run(argv=None) -> int:
     new_tokens, seconds = 0, 0.0
 
     def complete(prompts: list[str], stream: bool = False) -> list[str]:
-        """Generated texts, a batch at a time; one prompt alone is printed as it is generated."""
+        """Generated texts, a batch at a time; one prompt alone is printed as it is generated.
+
+        Prompts are batched in order of length: generate() decodes a batch from its shortest prompt
+        on, feeding the longer prompts' own tokens meanwhile, so similar lengths waste fewest steps.
+        Each row's tokens are its batch-1 tokens (tests/test_generate.py); the texts return in order."""
         nonlocal new_tokens, seconds
-        texts = []
+        encoded = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        texts = [""] * len(prompts)
         for start in range(0, len(prompts), args.batch_size):
-            ids = [tokenizer.encode(p, bos=True, eos=False) for p in prompts[start:start + args.batch_size]]
+            rows = order[start:start + args.batch_size]
+            ids = [encoded[i] for i in rows]
             longest = max(len(i) for i in ids) + args.max_new_tokens
             if longest > model.config.max_position_embeddings:
                 raise ValueError(f"a prompt of {longest - args.max_new_tokens} tokens + --max_new_tokens "
@@ -246,7 +259,8 @@ def run(argv=None) -> int:
                            generator, on_token=on_token, cuda_graph=device.type == "cuda" and not args.eager)
             seconds += time.time() - t
             new_tokens += sum(len(o) for o in out)
-            texts += [tokenizer.decode(o).strip() for o in out]
+            for i, o in zip(rows, out):
+                texts[i] = tokenizer.decode(o).strip()
             if on_token is not None:
                 print(text_stream.flush(), flush=True)
         return texts

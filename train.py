@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from llama.load import checkpoint_dir, load_llama
-from llama.tokenizer import Tokenizer
+from llama.load import checkpoint_dir, load_llama, random_llama
+from llama.tokenizer import Tokenizer, train_tokenizer
 from qlora.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from qlora.config import TrainConfig, parse_args
 from qlora.data import Batches, batches_in_order, format_row, load_rows, pad_id_of, prepare_data
-from qlora.demo import random_llama, train_tokenizer
-from qlora.lora import apply_lora, save_adapter, trainable_summary
+from qlora.adapter import save_adapter
+from qlora.lora import apply_lora, trainable_summary
 from qlora.loss import causal_lm_loss, label_count
 from qlora.paged_adamw import PagedAdamW
 

@@ -3,27 +3,19 @@
 Reference: qlora.nf4.dequantize_nf4 (pure PyTorch). Both compute code[q] * absmax in fp32; the kernel
 rounds that once to `dtype`, so it returns exactly dequantize_nf4(packed, state).to(dtype) whenever
 the reference rounds once too: state.dtype is fp32 or `dtype`. (From an fp16 weight to bf16 the
-reference rounds twice, through fp16.) The @triton.jit helpers `decode_absmax` and `round_to` are
+reference rounds twice, through fp16.) The @triton.jit helper `decode_absmax` and `kernel_args` are
 shared with the decode GEMV (gemv.py).
 """
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from qlora.nf4 import QuantState
+from kernels.common import NF4State, round_to
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-# Kernels run in Triton's CPU interpreter under TRITON_INTERPRET=1, whose bf16 cast needs help.
-INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def runs_here(x: torch.Tensor) -> bool:
-    """Whether Triton kernels can run on x's device: CUDA, or the CPU when Triton interprets them."""
-    return x.is_cuda or bool(INTERPRET)
 
 
 @triton.jit
@@ -36,24 +28,6 @@ def decode_absmax(raw, block, mask, absmax2_ptr, code2_ptr, offset_ptr,
         return scale + tl.load(offset_ptr)      # a separate add, as in the reference (no fused multiply-add)
     else:
         return raw
-
-
-@triton.jit
-def round_to(values, dtype: tl.constexpr):
-    """fp32 -> dtype, rounding to nearest even (like torch's .to())."""
-    if INTERPRET and dtype == tl.bfloat16:
-        # Triton's interpreter truncates fp32 -> bf16; round with integer ops there instead.
-        bits = values.to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)                # finite inputs only (no NaN/Inf here)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return values.to(dtype)
-
-
-@triton.jit
-def rounded(v, dtype: tl.constexpr):
-    """fp32 v rounded to dtype and back to fp32: the rounding one separate torch op makes."""
-    return round_to(v, dtype).to(tl.float32)
 
 
 @triton.jit
@@ -79,7 +53,7 @@ def _dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
     tl.store(out_ptr + elem, round_to(values, out_ptr.dtype.element_ty), mask=elem < n)
 
 
-def kernel_args(packed: torch.Tensor, state: QuantState) -> tuple:
+def kernel_args(packed: torch.Tensor, state: NF4State) -> tuple:
     """The pointer arguments every NF4 kernel takes, in order; unused double-quant slots get absmax."""
     n = math.prod(state.shape)
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
@@ -92,7 +66,7 @@ def kernel_args(packed: torch.Tensor, state: QuantState) -> tuple:
     return packed, state.absmax, state.code, state.absmax, state.absmax, state.absmax
 
 
-def dequantize_nf4_triton(packed: torch.Tensor, state: QuantState, dtype: torch.dtype = torch.bfloat16,
+def dequantize_nf4_triton(packed: torch.Tensor, state: NF4State, dtype: torch.dtype = torch.bfloat16,
                           block: int = 1024) -> torch.Tensor:
     """Packed NF4 [ceil(numel / 2)] uint8 + QuantState -> tensor of state.shape in fp16 or bf16."""
     n = math.prod(state.shape)

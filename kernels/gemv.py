@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dequant import INTERPRET, KERNEL_DTYPES, decode_absmax, kernel_args, round_to
-from qlora.nf4 import QuantState
+from kernels.common import INTERPRET, NF4State, round_to
+from kernels.dequant import KERNEL_DTYPES, decode_absmax, kernel_args
 
 MAX_ROWS = 16
 
@@ -81,7 +81,7 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr
     tl.store(y_ptr + x_rows[:, None] * stride_ym + rows[None, :], round_to(acc, y_ptr.dtype.element_ty), mask=mask)
 
 
-def _unsupported(x: torch.Tensor, state: QuantState) -> str | None:
+def _unsupported(x: torch.Tensor, state: NF4State) -> str | None:
     """Why gemv_nf4 cannot take x and this weight, or None if it can."""
     if len(state.shape) != 2 or x.dim() != 2 or x.shape[1] != state.shape[1]:
         return f"x must be [rows, in_features] for the weight {tuple(state.shape)}, got x {tuple(x.shape)}"
@@ -95,12 +95,12 @@ def _unsupported(x: torch.Tensor, state: QuantState) -> str | None:
     return None
 
 
-def gemv_supported(x: torch.Tensor, state: QuantState) -> bool:
+def gemv_supported(x: torch.Tensor, state: NF4State) -> bool:
     """Whether gemv_nf4 takes x: 1-16 fp16 / bf16 rows [M, in], in_features a multiple of blocksize."""
     return _unsupported(x, state) is None
 
 
-def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
     """x [M <= 16, in] (fp16 / bf16) @ W^T for the NF4 weight W [out, in] -> [M, out] in x's dtype."""
     problem = _unsupported(x, state)
     if problem:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dequant import INTERPRET, round_to, rounded
+from kernels.common import INTERPRET, round_to, rounded
 
 LORA_GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -14,17 +14,17 @@ dequantized weight; it dequantizes W again from its 4-bit storage.
 import torch
 import torch.nn.functional as F
 
+from kernels.common import NF4State
 from kernels.dequant import dequantize_nf4_triton
 from kernels.gemv import gemv_nf4, gemv_supported
-from qlora.nf4 import QuantState
 
 
-def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
     """x [..., in] (fp16 / bf16) @ W^T for the NF4 weight W [out, in] -> [..., out] in x's dtype."""
     return F.linear(x, dequantize_nf4_triton(packed, state, x.dtype))
 
 
-def matmul_nf4_grad(grad_y: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+def matmul_nf4_grad(grad_y: torch.Tensor, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
     """grad_y [..., out] (fp16 / bf16) @ W for the NF4 weight W [out, in] -> grad_x [..., in]."""
     return grad_y @ dequantize_nf4_triton(packed, state, grad_y.dtype)
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dequant import round_to, rounded
+from kernels.common import round_to, rounded
 
 NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HIDDEN = 65536          # one row lives in registers: BLOCK = next_power_of_2(hidden)

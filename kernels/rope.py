@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dequant import rounded
+from kernels.common import rounded
 
 ROPE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

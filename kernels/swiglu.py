@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dequant import round_to, rounded
+from kernels.common import round_to, rounded
 
 SWIGLU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK = 1024

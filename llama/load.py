@@ -1,4 +1,5 @@
-"""Load a Hugging Face Llama checkpoint (safetensors) into llama.model.Llama, optionally in NF4.
+"""Load a Hugging Face Llama checkpoint (safetensors) into llama.model.Llama, optionally in NF4; or
+build the demo's randomly initialised Llama from a config.json.
 
 Streaming, so that a 7B model quantizes on a GPU with little more memory than its 4-bit size:
 the model is built on the meta device (no memory), then each tensor is read from the memory-
@@ -6,11 +7,13 @@ mapped safetensors file, cast to `dtype` and moved to `device`. With load_in_4bi
 projections are quantized on the device a few rows at a time (NF4 + double quantization, QLoRA
 paper section 3) and never exist whole in 16 bits there; embeddings, norms and lm_head stay in
 `dtype`, as in the paper's setup and in transformers + bitsandbytes.
+
+A checkpoint saved in 4-bit by transformers + bitsandbytes (config.json's quantization_config, e.g. the
+`*-bnb-4bit` repos) loads as stored, without dequantizing: its bytes become our Linear4bit's
+(qlora/bnb_format.py); its blocksize and double quantization win over the arguments.
 """
 
 import json
-import math
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,12 +22,12 @@ from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
 from llama.model import Llama, LlamaConfig, rope_inv_freq
-from qlora.linear4bit import Linear4bit
+from qlora import bnb_format
+from qlora.linear4bit import QUANT_CHUNK_NUMEL, Linear4bit
 from qlora.lora import LINEAR_NAMES
-from qlora.nf4 import BLOCKSIZES, FLOAT_DTYPES, QuantState, dynamic_code, nf4_code, quantize_blockwise_8bit, quantize_nf4
+from qlora.nf4 import BLOCKSIZES, FLOAT_DTYPES
 
 HUB_FILES = ["*.safetensors", "*.json", "tokenizer.model"]
-QUANT_CHUNK_NUMEL = 2**21  # values quantized at once: quantize_nf4 needs ~23 bytes of scratch each
 
 
 def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat16, load_in_4bit: bool = False,
@@ -32,16 +35,26 @@ def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat1
     """A local checkpoint directory or a Hub repo id -> Llama on `device`, every parameter frozen.
 
     load_in_4bit: the q/k/v/o/gate/up/down projections become Linear4bit (NF4, `blocksize`, double
-    quantization) with compute dtype `dtype`; everything else is stored in `dtype`.
+    quantization) with compute dtype `dtype`; everything else is stored in `dtype`. A checkpoint
+    stored in 4-bit keeps its own bytes (and is dequantized to `dtype` if load_in_4bit is False).
     """
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported: use torch.bfloat16, torch.float16 or torch.float32")
     if load_in_4bit and blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize {blocksize} is not supported: use one of {BLOCKSIZES}")
     directory = checkpoint_dir(path_or_repo_id)
-    config = LlamaConfig.from_hf(_read_json(directory / "config.json"))
+    hf_config = _read_json(directory / "config.json")
+    prequantized = bnb_format.is_prequantized(hf_config)
+    if "quantization_config" in hf_config and not prequantized:
+        method = hf_config["quantization_config"].get("quant_method")
+        raise ValueError(f"{directory} is quantized with {method!r}: only dense checkpoints and bitsandbytes "
+                         f"4-bit ones load here; use the model's dense checkpoint")
+    config = LlamaConfig.from_hf({k: v for k, v in hf_config.items() if k != "quantization_config"})
     files = safetensors_files(directory)
     device = torch.device(device)
+    handles = {file: safe_open(file, framework="pt", device="cpu") for file in files} if prequantized else {}
+    stored = {name: file for file, f in handles.items() for name in f.keys()}   # a weight's state may sit
+                                                                                 # in another shard
 
     with torch.device("meta"):
         model = Llama(config)                              # shapes only, no memory
@@ -54,16 +67,30 @@ def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat1
                     continue
                 if name == "lm_head.weight" and config.tie_word_embeddings:
                     continue                               # tied: the head is the embedding
+                if prequantized and bnb_format.is_quant_key(name):
+                    continue                               # read with its weight below
                 if name not in expected:
                     raise ValueError(f"unexpected tensor {name!r} in {file.name}: the checkpoint does not "
                                      f"match a Llama with this config.json")
-                shape = tuple(f.get_slice(name).get_shape())
+                module_name, _, attr = name.rpartition(".")
+                parent_name, _, child = module_name.rpartition(".")
+                layer = None
+                if prequantized and f.get_slice(name).get_dtype() == "U8":
+                    names = bnb_format.tensor_names(name, stored.keys())
+                    tensors = {k: handles[stored[n]].get_tensor(n) for k, n in names.items()}
+                    layer = bnb_format.linear4bit_from_bnb(f.get_tensor(name), tensors, device, dtype)
+                    shape = tuple(layer.state.shape)
+                else:
+                    shape = tuple(f.get_slice(name).get_shape())
                 if shape != expected[name]:
                     raise ValueError(f"tensor {name!r} in {file.name} has shape {shape} but config.json implies "
                                      f"{expected[name]}: the weights and config.json do not belong together")
-                module_name, _, attr = name.rpartition(".")
-                parent_name, _, child = module_name.rpartition(".")
-                if load_in_4bit and child in LINEAR_NAMES:
+                if layer is not None and load_in_4bit:     # stored in 4-bit: kept as stored
+                    setattr(model.get_submodule(parent_name), child, layer)
+                elif layer is not None:                    # stored in 4-bit, asked for dense weights
+                    weight = nn.Parameter(layer.dequantize(dtype), requires_grad=False)
+                    setattr(model.get_submodule(module_name), attr, weight)
+                elif load_in_4bit and child in LINEAR_NAMES:
                     try:
                         layer = quantize_weight(f.get_tensor(name), device, dtype, blocksize, double_quant)
                     except ValueError as e:
@@ -86,34 +113,43 @@ def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat1
 
 def quantize_weight(weight: torch.Tensor, device, dtype: torch.dtype, blocksize: int = 64,
                     double_quant: bool = True, chunk_numel: int = QUANT_CHUNK_NUMEL) -> Linear4bit:
-    """A [out, in] weight on any device -> Linear4bit on `device`, quantized there a few rows at a time.
+    """A [out, in] weight on any device -> Linear4bit on `device`, quantized there in `dtype` (also
+    its compute dtype) a few rows at a time: Linear4bit.from_weight as the loader calls it."""
+    return Linear4bit.from_weight(weight, None, blocksize, double_quant, compute_dtype=dtype, device=device,
+                                  weight_dtype=dtype, chunk_numel=chunk_numel)
 
-    The bytes equal Linear4bit.from_weight(weight.to(device, dtype)): chunks hold whole blocks, so
-    every block's absmax is the same; the double quantization then runs once on all the absmax.
+
+def random_llama(config_path: str | Path, device, dtype: torch.dtype, load_in_4bit: bool,
+                 seed: int = 0) -> Llama:
+    """A Llama with N(0, 0.02) weights (as HF initialises them) built from a config.json, frozen,
+    projections in NF4 if asked: the demo's base model, which knows nothing before training.
+
+    Only lm_head differs: N(0, 1/hidden_size), rows of norm ~1. With 0.02 a small model's logits
+    could never leave about +-1 (the final RMSNorm fixes the hidden norm), so a frozen random head
+    would cap how far the loss can fall whatever the adapters learn.
     """
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
-    n = weight.numel()
-    rows_per_block = blocksize // math.gcd(in_features, blocksize)  # rows that end on a block boundary
-    rows = max(rows_per_block, chunk_numel // in_features // rows_per_block * rows_per_block)
-
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
-    absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=device)
-    for r in range(0, out_features, rows):
-        chunk = weight[r:r + rows].to(device=device, dtype=dtype)
-        chunk_packed, chunk_state = quantize_nf4(chunk, blocksize, double_quant=False)
-        start = r * in_features                             # a multiple of blocksize, so even
-        packed[start // 2:start // 2 + chunk_packed.numel()] = chunk_packed
-        absmax[start // blocksize:start // blocksize + chunk_state.absmax.numel()] = chunk_state.absmax
-        del chunk, chunk_packed, chunk_state
-
-    state = QuantState(absmax=absmax, shape=weight.shape, dtype=dtype, blocksize=blocksize, code=nf4_code(device))
-    if double_quant:                                        # paper section 3, "Double Quantization"
-        offset = absmax.mean()
-        codes, absmax2 = quantize_blockwise_8bit(absmax - offset)
-        state = replace(state, absmax=codes, absmax2=absmax2, code2=dynamic_code(device), offset=offset)
-    return Linear4bit(packed, state, compute_dtype=dtype)
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model config {path} not found: pass a checkpoint directory, a hub id "
+                                "or a config.json")
+    config = LlamaConfig.from_hf(json.loads(path.read_text()))
+    generator = torch.Generator().manual_seed(seed)
+    model = Llama(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            else:
+                std = config.hidden_size ** -0.5 if name == "lm_head.weight" else 0.02
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+    model = model.to(device=device, dtype=dtype).requires_grad_(False)
+    if load_in_4bit:
+        for layer in model.model.layers:
+            for holder in (layer.self_attn, layer.mlp):
+                for name in LINEAR_NAMES:
+                    if isinstance(getattr(holder, name, None), nn.Linear):
+                        setattr(holder, name, quantize_weight(getattr(holder, name).weight, device, dtype))
+    return model
 
 
 def resident_bytes(model: nn.Module) -> int:

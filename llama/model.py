@@ -13,10 +13,14 @@ every linear layer of the block (paper section 4, "QLoRA vs. standard finetuning
     model(ids, position_ids=P, segment_ids=S)   packed rows (sample_packing): per-row positions P
                                         (B, T) and block-diagonal causal attention within each
                                         row S (B, T) (qlora/attention.py)
+
+RMSNorm, RoPE and SwiGLU run as fused Triton kernels (kernels/rmsnorm.py, rope.py, swiglu.py; the
+H100 step profile: norms 71 -> 7 ms, RoPE 50 -> about 5 ms) where kernels.common.use_kernel, the
+one kernel switch, says so (on CUDA by default); otherwise as the plain PyTorch below, which the
+tests compare the kernels against.
 """
 
 import math
-import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -24,25 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels.dequant import runs_here
+from kernels.common import use_kernel
 from kernels.rmsnorm import NORM_DTYPES, rms_norm
 from kernels.rope import ROPE_DTYPES, apply_rope_qk
 from kernels.swiglu import SWIGLU_DTYPES, swiglu
 from qlora.attention import attend, document_mask
-
-# Fused Triton RMSNorm, RoPE and SwiGLU (kernels/rmsnorm.py, rope.py, swiglu.py; issue #8): on CUDA
-# by default (the H100 step profile: norms 71 -> 7 ms, RoPE 50 -> about 5 ms). QLORA_FUSED_KERNELS=0
-# turns them off; =1 runs them wherever Triton runs, the CPU interpreter included (slow there, so the
-# test suite switches them on only in the tests that check them).
-FUSED_KERNELS = os.environ.get("QLORA_FUSED_KERNELS", "cuda")
-
-
-def use_fused(x: torch.Tensor, dtypes: tuple) -> bool:
-    """Whether to run the fused kernels on x: a kernel dtype, and a device the setting allows."""
-    if x.dtype not in dtypes or FUSED_KERNELS == "0":
-        return False
-    return x.is_cuda if FUSED_KERNELS == "cuda" else runs_here(x)
-
 
 # ----------------------------------------------------------------------------- config
 
@@ -202,7 +192,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_fused(x, NORM_DTYPES) and self.weight.dtype in NORM_DTYPES:
+        if use_kernel(x, NORM_DTYPES, cuda_only=True) and self.weight.dtype in NORM_DTYPES:
             return rms_norm(x, self.weight, self.eps)     # the same math in one kernel
         # Normalise in fp32 (bf16 sums of squares lose too much), scale in the input dtype, as HF.
         xf = x.float()
@@ -252,7 +242,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        if use_fused(q, ROPE_DTYPES) and q.dtype == k.dtype == cos.dtype == sin.dtype:
+        if use_kernel(q, ROPE_DTYPES, cuda_only=True) and q.dtype == k.dtype == cos.dtype == sin.dtype:
             q, k = apply_rope_fused(q, k, cos, sin)                                    # one kernel, same bits
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -278,7 +268,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         g, u = self.gate_proj(x), self.up_proj(x)                                     # (B, T, I) each
-        if use_fused(g, SWIGLU_DTYPES) and g.dtype == u.dtype:
+        if use_kernel(g, SWIGLU_DTYPES, cuda_only=True) and g.dtype == u.dtype:
             return self.down_proj(swiglu(g, u))                                       # one kernel, saves g, u
         return self.down_proj(F.silu(g) * u)
 

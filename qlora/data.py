@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,21 +148,6 @@ def load_rows(path: str, data_files: list[str] | None = None, split: str | None 
     if path == BUILTIN_SQL:
         return sql_rows()
     return [row for f in source_files(path, data_files, split) for row in _read_json_file(f)]
-
-
-def write_jsonl(rows: list[dict], path: str | Path) -> None:
-    """Write rows as JSON lines, to a temporary name first and then renamed (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def split_train_val(items: list, val_set_size: float, seed: int) -> tuple[list, list]:

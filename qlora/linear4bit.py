@@ -8,19 +8,48 @@ elsewhere (fp32 inputs, or a CPU without the interpreter) the pure-PyTorch refer
 dequantize_nf4 + F.linear.
 """
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import KERNEL_DTYPES, NF4Matmul, matmul_nf4_grad
-from kernels.dequant import runs_here
-from qlora.nf4 import QuantState, dequantize_nf4, quantize_nf4
+from kernels.common import use_kernel
+from kernels.quantize import quantize_nf4_triton
+from qlora.nf4 import (QuantState, check_weight, code_midpoints, dequantize_nf4, double_quantize, nf4_code,
+                       quantize_nf4)
+
+QUANT_CHUNK_NUMEL = 2**21  # values quantized at once by from_weight: quantize_nf4 needs ~23 bytes of scratch each
+
+
+def _rows_on_device(weight: torch.Tensor, rows: int, device: torch.device, dtype: torch.dtype):
+    """Yield (first row, weight[first row:][:rows] on `device` in `dtype`) for every chunk of rows.
+
+    From the CPU to a GPU each chunk goes through one of two pinned buffers: the upload is then a DMA
+    that runs while the host copies the next chunk into the other buffer (a pageable tensor's .to()
+    would make the driver stage and wait for every chunk)."""
+    if not (weight.device.type == "cpu" and device.type == "cuda"):
+        for r in range(0, weight.shape[0], rows):
+            yield r, weight[r:r + rows].to(device=device, dtype=dtype)
+        return
+    staging = [torch.empty((rows, weight.shape[1]), dtype=weight.dtype, pin_memory=True) for _ in range(2)]
+    uploaded = [None, None]                                  # the event after each buffer's last upload
+    for i, r in enumerate(range(0, weight.shape[0], rows)):
+        buf, rows_here = staging[i % 2], min(rows, weight.shape[0] - r)
+        if uploaded[i % 2] is not None:
+            uploaded[i % 2].synchronize()                    # its previous DMA has finished reading it
+        buf[:rows_here].copy_(weight[r:r + rows_here])
+        chunk = buf[:rows_here].to(device=device, non_blocking=True).to(dtype)
+        uploaded[i % 2] = torch.cuda.Event()
+        uploaded[i % 2].record()
+        yield r, chunk
 
 
 def use_kernels(x: torch.Tensor) -> bool:
-    """Whether Linear4bit runs the Triton kernels for x: fp16 / bf16 on CUDA, or on the CPU when
-    Triton interprets kernels (TRITON_INTERPRET=1, read when kernels/ is imported)."""
-    return x.dtype in KERNEL_DTYPES and runs_here(x)
+    """Whether Linear4bit runs the Triton kernels for x, by the kernel switch: fp16 / bf16 on CUDA, or on
+    the CPU when Triton interprets kernels (TRITON_INTERPRET=1, read when kernels/ is imported)."""
+    return use_kernel(x, KERNEL_DTYPES)
 
 
 class Linear4bit(nn.Module):
@@ -45,12 +74,49 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, blocksize: int = 64,
-                    double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16) -> "Linear4bit":
-        """Quantize a [out, in] weight (on whatever device it lives) into a Linear4bit."""
+                    double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16, device=None,
+                    weight_dtype: torch.dtype | None = None, chunk_numel: int = QUANT_CHUNK_NUMEL) -> "Linear4bit":
+        """Quantize a [out, in] weight (on any device) to NF4 into a Linear4bit on `device` (default: the
+        weight's), casting it to `weight_dtype` first (default: its own dtype).
+
+        The weight moves to the device and is quantized a few rows (chunk_numel values) at a time, so
+        a 7B model's projections never exist whole in 16 bits there. The bytes equal one quantize_nf4
+        call on the whole weight: chunks hold whole blocks, so every block's absmax is the same, and
+        the double quantization runs once on all of them.
+        """
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-        packed, state = quantize_nf4(weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        return cls(packed, state, bias, compute_dtype)
+        check_weight(weight, blocksize, finite=False)           # each chunk is checked for NaN/Inf
+        device = weight.device if device is None else torch.device(device)
+        weight_dtype = weight_dtype or weight.dtype
+        weight = weight.detach()
+        out_features, in_features = weight.shape
+        n = weight.numel()
+        rows_per_block = blocksize // math.gcd(in_features, blocksize)  # rows that end on a block boundary
+        rows = max(rows_per_block, chunk_numel // in_features // rows_per_block * rows_per_block)
+
+        packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
+        absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=device)
+        kernel = use_kernel(packed.new_empty(0, dtype=weight_dtype), KERNEL_DTYPES + (torch.float32,), cuda_only=True)
+        if kernel:                                              # one Triton pass per chunk, one check per weight
+            midpoints, bad = code_midpoints(nf4_code(device)), torch.zeros(1, dtype=torch.int32, device=device)
+        for r, chunk in _rows_on_device(weight, rows, device, weight_dtype):
+            start = r * in_features                             # a multiple of blocksize, so even
+            if kernel:
+                stop = start + chunk.numel()
+                quantize_nf4_triton(chunk, midpoints, blocksize, packed[start // 2:(stop + 1) // 2],
+                                    absmax[start // blocksize:math.ceil(stop / blocksize)], bad)
+                continue
+            chunk_packed, chunk_state = quantize_nf4(chunk, blocksize, double_quant=False)   # the reference
+            packed[start // 2:start // 2 + chunk_packed.numel()] = chunk_packed
+            absmax[start // blocksize:start // blocksize + chunk_state.absmax.numel()] = chunk_state.absmax
+            del chunk, chunk_packed, chunk_state
+        if kernel and bad.item():
+            raise ValueError(f"weight has {bad.item()} NaN/Inf value(s): fix or drop them before quantizing")
+
+        state = QuantState(absmax=absmax, shape=weight.shape, dtype=weight_dtype, blocksize=blocksize,
+                           code=nf4_code(device))
+        return cls(packed, double_quantize(state) if double_quant else state, bias, compute_dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,

@@ -1,4 +1,5 @@
-"""LoRA adapters on frozen (4-bit or 16/32-bit) linear layers, and PEFT-compatible files.
+"""LoRA adapters on frozen (4-bit or 16/32-bit) linear layers: the layer, its autograd Function, and
+putting adapters on a model. Adapter files and merged export are in qlora/adapter.py.
 
 QLoRA paper (arXiv 2305.14314) section 3, eq. 5-6: the frozen base weight W (NF4 in QLoRA) is
 dequantized for the matmul, and a low-rank update B A is added beside it,
@@ -6,32 +7,21 @@ dequantized for the matmul, and a low-rank update B A is added beside it,
     Y = X W^T + s * (X A^T) B^T,    s = alpha / r   (alpha / sqrt(r) with rsLoRA)
 
 so only A [r, in] and B [out, r] are trained; gradients flow through the frozen W to X but W
-itself never gets one. Files use PEFT's layout (adapter_config.json + adapter_model.safetensors)
-so an adapter trained here loads in peft.PeftModel, and the other way round.
+itself never gets one. LoRALinear.reference_forward is that line as plain autograd ops; forward
+computes the same through LoRAFunction, one autograd node (tests/test_lora.py checks they agree).
 """
 
-import json
 import math
-import os
-import re
-import shutil
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from kernels.dequant import runs_here
+from kernels.common import use_kernel
 from kernels.lora import LORA_GRAD_DTYPES, lora_dropout_grad_
 from qlora.linear4bit import Linear4bit
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-PEFT_PREFIX = "base_model.model."       # PeftModel wraps the CausalLM: base_model.model.<path>
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -68,6 +58,17 @@ class LoRALinear(nn.Module):
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
         return LoRAFunction.apply(x, self.lora_a, self.lora_b, self.base, self.scaling, p)
 
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """forward in its textbook form (eq. 5), plain autograd ops: x W^T + s * dropout(x) A^T B^T.
+
+        Computed in x's dtype (forward uses autocast's when it is on). Given the same random state
+        it draws the same dropout mask as forward, so the two agree up to rounding.
+        """
+        if self.merged:
+            return self.base(x)
+        a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)                # [r, in], [out, r]
+        return self.base(x) + self.scaling * (self.dropout(x) @ a.t() @ b.t())  # (..., out)
+
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, fp32 [out, in]: what merging adds to the base weight."""
         return (self.lora_b.detach().float() @ self.lora_a.detach().float()) * self.scaling
@@ -75,8 +76,8 @@ class LoRALinear(nn.Module):
     def merged_weight(self) -> torch.Tensor:
         """The base weight (dequantized if 4-bit) plus the update, fp32 [out, in]."""
         if self.merged:                               # the base weight holds the update already
-            return _base_weight(self.base)
-        return _base_weight(self.base) + self.delta_weight()
+            return base_weight(self.base)
+        return base_weight(self.base) + self.delta_weight()
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -151,7 +152,7 @@ class LoRAFunction(torch.autograd.Function):
             grad_x = _base_grad_input(ctx.base, g)                      # (M, in) = g W
             if mask is None:
                 grad_x.addmm_(gh, a)                                    # + (s g B) A, in the epilogue
-            elif runs_here(grad_x) and grad_x.dtype in LORA_GRAD_DTYPES and grad_x.is_contiguous():
+            elif use_kernel(grad_x, LORA_GRAD_DTYPES) and grad_x.is_contiguous():
                 lora_dropout_grad_(grad_x, gh, a, mask, 1 / (1 - ctx.p))   # one Triton kernel, same math
             else:
                 grad_x.addcmul_(gh @ a, mask, value=1 / (1 - ctx.p))    # dropout's backward: mask / (1 - p)
@@ -185,7 +186,7 @@ def _device_of(module: nn.Module) -> torch.device:
     return tensor.device
 
 
-def _base_weight(base: nn.Module) -> torch.Tensor:
+def base_weight(base: nn.Module) -> torch.Tensor:
     """The frozen weight [out, in] in fp32, dequantized if the base is 4-bit."""
     if isinstance(base, Linear4bit):
         return base.dequantize(torch.float32)
@@ -269,246 +270,3 @@ def trainable_summary(model: nn.Module) -> str:
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-# ----------------------------------------------------------------------------- merged export
-
-@torch.no_grad()
-def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16, device="cpu") -> dict:
-    """Hugging Face-layout tensors of the model with every adapter merged in: `<path>.weight` =
-    dequant(W) + scaling * B @ A (computed in fp32, rounded once to `dtype`); 4-bit layers without
-    an adapter are dequantized; other floating-point tensors are cast to `dtype`."""
-    # The outermost LoRALinear / Linear4bit modules; their internal keys (base.packed, lora_a, ...)
-    # are replaced by a plain weight (and bias).
-    special = {}
-    for name, m in model.named_modules():
-        if isinstance(m, (LoRALinear, Linear4bit)) and not any(name.startswith(p + ".") for p in special):
-            special[name] = m
-    out, done = {}, set()
-    for key, tensor in model.state_dict().items():
-        parts = key.split(".")
-        owner = next((".".join(parts[:i]) for i in range(len(parts)) if ".".join(parts[:i]) in special), None)
-        if owner is None:
-            out[key] = tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
-        elif owner not in done:
-            done.add(owner)
-            m = special[owner]
-            base = m.base if isinstance(m, LoRALinear) else m
-            weight = m.merged_weight() if isinstance(m, LoRALinear) else _base_weight(m)
-            prefix = owner + "." if owner else ""
-            out[prefix + "weight"] = weight.to(device, dtype)
-            if base.bias is not None:
-                out[prefix + "bias"] = base.bias.detach().to(device, dtype)
-    return out
-
-
-def _parse_size(size) -> int:
-    if isinstance(size, int) and size > 0:
-        return size
-    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)\s*", str(size).upper())
-    if not match or float(match.group(1)) <= 0:
-        raise ValueError(f"max_shard_size {size!r} is not a size: use bytes (int) or a string like '5GB'")
-    return int(float(match.group(1)) * units[match.group(2)])
-
-
-def _write_dir_atomically(out_dir, write, overwrite: bool) -> Path:
-    """Run write(tmp_dir) in a sibling temp directory, then rename it to out_dir.
-
-    A crash leaves only a hidden .tmp directory; out_dir is either absent, the old one or complete.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir} is a file: pass a directory path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"{out_dir} exists and is not empty: choose a new directory or pass overwrite=True")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)                          # mkdtemp makes it private (0700)
-        write(tmp)
-        if out_dir.exists():                          # rename() cannot replace a non-empty directory
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "dir")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def save_merged(model: nn.Module, config_dict: dict, out_dir, max_shard_size="5GB",
-                dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> Path:
-    """Write a merged model that transformers' from_pretrained loads: config.json and
-    model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
-    limit = _parse_size(max_shard_size)
-    config = {k: v for k, v in config_dict.items() if k not in ("quantization_config", "torch_dtype")}
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    state = merged_state_dict(model, dtype)
-    if config.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)             # the loader ties it to embed_tokens again
-    # safetensors refuses tensors that share memory (a tied head whose config does not say so).
-    seen = set()
-    for key, tensor in state.items():
-        ptr = tensor.untyped_storage().data_ptr()
-        state[key] = tensor.clone() if ptr in seen else tensor.contiguous()
-        seen.add(ptr)
-
-    shards, size = [{}], 0                            # greedy, in state_dict order, like transformers
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-
-    def write(tmp: Path) -> None:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-            return
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, tmp / filename, metadata={"format": "pt"})
-            weight_map.update({key: filename for key in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-    return _write_dir_atomically(out_dir, write, overwrite)
-
-
-# ----------------------------------------------------------------------------- PEFT adapter files
-
-def adapter_state_dict(model: nn.Module) -> dict:
-    """The adapter weights under PEFT's names: base_model.model.<path>.lora_A.weight / .lora_B.weight."""
-    out = {}
-    for name, layer in lora_layers(model).items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_a.detach()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_b.detach()
-    return out
-
-
-def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None = None,
-                 overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads.
-
-    extra_files {name: bytes} go into the same directory in the same atomic write (PEFT ignores them).
-    """
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("model has no LoRA layers: call apply_lora(model, ...) first")
-    settings = {(m.r, m.alpha, _dropout_p(m), m.use_rslora) for m in layers.values()}
-    if len(settings) > 1:
-        raise ValueError(f"LoRA layers differ in (r, alpha, dropout, use_rslora) {sorted(settings)}: "
-                         "PEFT's file holds one setting for all layers")
-    (r, alpha, dropout, use_rslora), = settings
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
-        "target_modules": sorted({name.split(".")[-1] for name in layers}),
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "lora_bias": False, "revision": None,
-    }
-    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-
-    def write(tmp: Path) -> None:
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-
-    return _write_dir_atomically(out_dir, write, overwrite)
-
-
-def _dropout_p(layer: LoRALinear) -> float:
-    return layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
-
-
-def read_adapter_config(adapter_dir) -> dict:
-    """adapter_config.json, checked for the LoRA features this file implements."""
-    path = Path(adapter_dir) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: pass a directory written by save_adapter or "
-                                "PEFT's save_pretrained")
-    config = json.loads(path.read_text())
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}, only 'LORA' adapters load here")
-    # PEFT options that change which weights exist or how they combine; plain LoRA leaves them unset.
-    for key in ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "layers_to_transform",
-                "rank_pattern", "alpha_pattern", "exclude_modules", "target_parameters", "trainable_token_indices"):
-        if config.get(key) not in (None, False, {}, []):
-            raise ValueError(f"{path}: {key}={config[key]!r} is not supported here (plain LoRA only)")
-    targets = config.get("target_modules")
-    if isinstance(targets, str) and targets != "all-linear":
-        raise ValueError(f"{path}: target_modules is a regular expression ({targets!r}), which is not "
-                         "supported here: list the module names instead")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{path}: bias={config['bias']!r} is not supported here; only bias 'none'")
-    return config
-
-
-@torch.no_grad()
-def load_adapter(model: nn.Module, adapter_dir, dtype: torch.dtype | None = None) -> nn.Module:
-    """Apply LoRA to `model` as adapter_config.json says and load the weights; returns the model.
-
-    dtype: adapter storage dtype; None keeps the file's. The model is left untouched on error.
-    """
-    config = read_adapter_config(adapter_dir)
-    weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{weights_path} not found (adapter_model.bin is not supported: "
-                                "re-save the adapter with safetensors)")
-    with safe_open(weights_path, "pt") as f:
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    hint = f"(adapter made for base model {config.get('base_model_name_or_path')!r})"
-
-    # Which layers the file holds, by module path.
-    paths = {}
-    for key in tensors:
-        match = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.lora_([AB])\.weight", key)
-        if not match:
-            raise ValueError(f"{weights_path}: unexpected tensor {key!r}; only lora_A/lora_B weights load here")
-        paths.setdefault(match.group(1), {})[match.group(2)] = tensors[key]
-    targets = config["target_modules"]
-    try:
-        names = find_lora_targets(model, targets)
-    except ValueError as e:
-        raise ValueError(f"adapter {adapter_dir} does not fit this model {hint}: {e}") from None
-    if set(names) != set(paths):
-        n_file, n_model = _layer_count(paths), _layer_count(names)
-        extra, missing = sorted(set(paths) - set(names)), sorted(set(names) - set(paths))
-        what = f"the adapter has {n_file} layers, the model {n_model}" if n_file != n_model else \
-               f"unmatched layers: in file only {extra[:3]}, in model only {missing[:3]}"
-        raise ValueError(f"adapter {adapter_dir} does not fit this model {hint}: {what}")
-
-    r = config["r"]
-    for name in names:
-        base = model.get_submodule(name)
-        want = {"A": (r, base.in_features), "B": (base.out_features, r)}
-        for ab, shape in want.items():
-            got = paths[name].get(ab)
-            if got is None:
-                raise ValueError(f"{weights_path}: lora_{ab} of {name} is missing")
-            if tuple(got.shape) != shape:
-                raise ValueError(f"adapter {adapter_dir} does not fit this model {hint}: lora_{ab} of {name} "
-                                 f"has shape {list(got.shape)}, the model needs {list(shape)}")
-
-    dtype = dtype or next(iter(tensors.values())).dtype
-    apply_lora(model, names, r, config["lora_alpha"], config.get("lora_dropout", 0.0),
-               config.get("use_rslora", False), dtype, verbose=False)
-    for name, layer in lora_layers(model).items():
-        layer.lora_a.copy_(paths[name]["A"])
-        layer.lora_b.copy_(paths[name]["B"])
-    return model
-
-
-def _layer_count(paths) -> int:
-    layers = {int(m.group(1)) for p in paths if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", p))}
-    return max(layers) + 1 if layers else 0

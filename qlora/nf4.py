@@ -107,7 +107,8 @@ class QuantState:
 
 # ----------------------------------------------------------------------------- checks
 
-def _check_weight(w: torch.Tensor, blocksize: int) -> None:
+def check_weight(w: torch.Tensor, blocksize: int, finite: bool = True) -> None:
+    """Raise a ValueError naming what keeps w from being quantized (finite=False: skip the NaN/Inf scan)."""
     if not isinstance(w, torch.Tensor):
         raise ValueError(f"expected a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in FLOAT_DTYPES:
@@ -118,7 +119,7 @@ def _check_weight(w: torch.Tensor, blocksize: int) -> None:
         raise ValueError(f"blocksize {blocksize} is not supported: use one of {BLOCKSIZES}")
     # A NaN or Inf would become its block's absmax and silently turn the whole block into NaN after
     # dequantization, so we refuse the weight instead and name the fix.
-    if not torch.isfinite(w).all():
+    if finite and not torch.isfinite(w).all():
         bad = (~torch.isfinite(w)).sum().item()
         raise ValueError(f"weight has {bad} NaN/Inf value(s): fix or drop them before quantizing")
 
@@ -141,10 +142,14 @@ def _blockwise_absmax_scale(x: torch.Tensor, blocksize: int) -> tuple[torch.Tens
     return scaled.clamp(-1, 1), absmax
 
 
+def code_midpoints(sorted_code: torch.Tensor) -> torch.Tensor:
+    """fp32 [15]: the points halfway between neighbouring levels of a sorted code book."""
+    return (sorted_code[:-1] + sorted_code[1:]) / 2
+
+
 def _nearest_index(scaled: torch.Tensor, sorted_code: torch.Tensor) -> torch.Tensor:
     """Index of the nearest level of a sorted code book (ties go to the lower level)."""
-    midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2
-    return torch.bucketize(scaled, midpoints)
+    return torch.bucketize(scaled, code_midpoints(sorted_code))
 
 
 # ----------------------------------------------------------------------------- 8-bit absmax codes
@@ -190,7 +195,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     Returns uint8 [ceil(numel / 2)] (first value in the high nibble, as bitsandbytes) and the
     QuantState. quant_type "fp4" uses bitsandbytes' FP4 code instead, for comparison.
     """
-    _check_weight(w, blocksize)
+    check_weight(w, blocksize)
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     code = nf4_code(w.device) if quant_type == "nf4" else fp4_code(w.device)
@@ -204,11 +209,15 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
 
     state = QuantState(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize,
                        code=code, quant_type=quant_type)
-    if double_quant:
-        offset = absmax.mean()
-        codes, absmax2 = quantize_blockwise_8bit(absmax - offset)
-        state = replace(state, absmax=codes, absmax2=absmax2, code2=dynamic_code(w.device), offset=offset)
-    return packed, state
+    return packed, double_quantize(state) if double_quant else state
+
+
+def double_quantize(state: QuantState) -> QuantState:
+    """The state with its fp32 absmax quantized again (paper section 3, "Double Quantization"): the
+    mean is subtracted and the rest stored as 8-bit dynamic codes in blocks of 256, one fp32 scale each."""
+    offset = state.absmax.mean()
+    codes, absmax2 = quantize_blockwise_8bit(state.absmax - offset)
+    return replace(state, absmax=codes, absmax2=absmax2, code2=dynamic_code(state.absmax.device), offset=offset)
 
 
 def dequantize_absmax(state: QuantState) -> torch.Tensor:

@@ -11,8 +11,12 @@ The same seed gives the same rows; every answer runs on its schema in sqlite3 (t
 """
 
 import argparse
+import json
+import os
 import random
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 DEFAULT_ROWS = 3000
 
@@ -246,6 +250,21 @@ def sql_rows(n: int = DEFAULT_ROWS, seed: int = 0) -> list[dict]:
     raise ValueError(f"could only make {len(rows)} distinct rows, asked for {n}")
 
 
+def write_jsonl(rows: list[dict], path: str | Path) -> None:
+    """Write rows as JSON lines, to a temporary name first and then renamed (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="write the built-in SQL dataset as JSONL")
     parser.add_argument("--rows", type=int, default=DEFAULT_ROWS)
@@ -254,7 +273,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = sql_rows(args.rows, args.seed)
     if args.out:
-        from qlora.data import write_jsonl  # here, not at the top: qlora.data imports this module
         write_jsonl(rows, args.out)
         print(f"wrote {len(rows)} rows to {args.out}")
     else:

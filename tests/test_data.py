@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from qlora.data import (IGNORE_INDEX, Batches, Example, batches_in_order, collate, format_row, load_rows,
-                        pack, pad_id_of, prepare_data, split_train_val, tokenize_example, tokenize_rows,
-                        write_jsonl)
-from qlora.sql_dataset import sql_rows
+                        pack, pad_id_of, prepare_data, split_train_val, tokenize_example, tokenize_rows)
+from qlora.sql_dataset import sql_rows, write_jsonl
 from conftest import LLAMA2_TOKENIZER
 
 ROW = {"context": "CREATE TABLE head (age INTEGER)", "question": "How many heads are older than 56?",

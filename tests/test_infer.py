@@ -18,9 +18,9 @@ from conftest import train_tiny_sentencepiece, write_tiny_llama
 from llama.generate import generate
 from llama.load import load_llama
 from llama.tokenizer import Tokenizer
-from qlora.data import format_row, write_jsonl
-from qlora.lora import load_adapter, save_adapter
-from qlora.sql_dataset import sql_rows
+from qlora.data import format_row
+from qlora.adapter import load_adapter, save_adapter
+from qlora.sql_dataset import sql_rows, write_jsonl
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -110,6 +110,19 @@ def test_our_and_peft_adapter_files_give_peft_logits_and_generations(files, caps
         assert text.strip() == expected_text
 
 
+def test_prompts_file_batched_by_length_gives_each_prompt_its_batch_1_completion(files, tmp_path, capsys):
+    prompts = ["The quick brown fox jumps over the lazy dog.", "Hello", "Numbers: 1234 and more numbers 5678",
+               "QLoRA", "Tiny tokenizers are trained in tests, hello world"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    common = ["--adapter", files["ours"], "--tokenizer", files["tokenizer"], "--max_new_tokens", 8]
+    batched = [json.loads(line) for line in run_infer(capsys, *common, "--prompts", tmp_path / "p.txt",
+                                                       "--batch_size", 3).splitlines()]
+    alone = [json.loads(line) for line in run_infer(capsys, *common, "--prompts", tmp_path / "p.txt",
+                                                     "--batch_size", 1).splitlines()]
+    assert [row["prompt"] for row in batched] == prompts                 # the file's order
+    assert batched == alone
+
+
 # ----------------------------------------------------------------------------- merge and export
 
 def test_merged_export_reloads_in_our_loader_and_transformers(files, tmp_path, capsys):
@@ -130,6 +143,20 @@ def test_merged_export_reloads_in_our_loader_and_transformers(files, tmp_path, c
         merged = infer.merged_model(unmerged)                            # --merge: fp32, no rounding
         torch.testing.assert_close(merged(ids), expected, rtol=1e-4, atol=1e-4)
     assert Tokenizer(out / "tokenizer.model").encode("hello world") == Tokenizer(files["tokenizer"]).encode("hello world")
+
+
+def test_4bit_export_is_a_bitsandbytes_checkpoint_that_reloads(files, tmp_path, capsys):
+    out = tmp_path / "merged4"
+    run_infer(capsys, "--adapter", files["ours"], "--tokenizer", files["tokenizer"], "--export", out, "--4bit")
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.model"}
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["load_in_4bit"]
+    # The bf16 export quantized by us equals the 4-bit export read back, byte for byte.
+    run_infer(capsys, "--adapter", files["ours"], "--tokenizer", files["tokenizer"], "--export", tmp_path / "m16")
+    ours = load_llama(out, dtype=torch.bfloat16, load_in_4bit=True)
+    again = load_llama(tmp_path / "m16", dtype=torch.bfloat16, load_in_4bit=True)
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids), again(ids))
 
 
 # ----------------------------------------------------------------------------- --eval
@@ -209,6 +236,7 @@ def test_adapter_for_another_base_model_is_refused(files, tmp_path):
     ("blank prompts file", "empty prompt"),
     ("nothing to do", "nothing to do"),
     ("export dir taken", "not an empty directory"),
+    ("4bit without export", "--4bit applies to --export"),
 ])
 def test_bad_input_exits_with_one_line_naming_the_fix(files, tmp_path, case, message):
     half = tmp_path / "half"                                   # an adapter dir without its weights
@@ -225,7 +253,8 @@ def test_bad_input_exits_with_one_line_naming_the_fix(files, tmp_path, case, mes
             "blank question": [*base, "--context", SCHEMA, "--question", "  "],
             "blank prompts file": [*base, "--prompts", tmp_path / "blank.txt"],
             "nothing to do": base,
-            "export dir taken": [*base, "--export", tmp_path]}[case]
+            "export dir taken": [*base, "--export", tmp_path],
+            "4bit without export": [*base, "--prompt", "hi", "--4bit"]}[case]
     with pytest.raises(SystemExit, match=message) as e:
         infer.main([str(a) for a in argv])
     assert str(e.value).startswith("error: ") and "\n" not in str(e.value)

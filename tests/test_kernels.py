@@ -19,10 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels.common
 import kernels.gemv
 import kernels.matmul
 from kernels import (MAX_ROWS, NF4Matmul, dequantize_nf4_triton, gemv_nf4, lora_dropout_grad_, matmul_nf4,
                      matmul_nf4_grad)
+from kernels.common import use_kernel
 from qlora.linear4bit import Linear4bit, use_kernels
 from qlora.nf4 import dequantize_nf4, quantize_nf4
 
@@ -371,3 +373,16 @@ def test_dequantize_triton_rejects_bad_input_with_clear_message():
         dequantize_nf4_triton(packed, state, torch.float32)
     with pytest.raises(ValueError, match=r"256 bytes for shape \(8, 64\), got torch.uint8 with 255"):
         dequantize_nf4_triton(packed[:-1], state, torch.bfloat16)
+
+
+@interpreted
+def test_one_switch_decides_every_kernel(monkeypatch):
+    x = torch.ones(2, dtype=torch.bfloat16)
+    assert use_kernel(x, (torch.bfloat16,)) and not use_kernel(x, (torch.bfloat16,), cuda_only=True)   # auto
+    assert not use_kernel(x, (torch.float16,))
+    monkeypatch.setattr(kernels.common, "KERNELS", "1")
+    assert use_kernel(x, (torch.bfloat16,), cuda_only=True) and use_kernels(x)
+    monkeypatch.setattr(kernels.common, "KERNELS", "0")
+    assert not use_kernels(x) and not use_kernel(x, (torch.bfloat16,))
+    with pytest.raises(ValueError, match="to auto, 1 or 0"):
+        kernels.common.set_kernels("cuda")

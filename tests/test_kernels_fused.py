@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 
+import kernels.common
 import kernels.rmsnorm
 import llama.model
 from kernels.rmsnorm import rms_norm, rms_norm_forward
@@ -372,10 +373,10 @@ def test_model_with_fused_norm_rope_matches_reference_path(dtype, monkeypatch):
     model = tiny_lora_llama(dtype, torch.float32)
     exact = logits_and_lora_grads(tiny_lora_llama(torch.float64, torch.float64), ids, weights)
 
-    monkeypatch.setattr(llama.model, "FUSED_KERNELS", "0")
+    monkeypatch.setattr(kernels.common, "KERNELS", "0")
     off = logits_and_lora_grads(model, ids, weights)
     assert calls == {"norm": 0, "rope": 0, "swiglu": 0}
-    monkeypatch.setattr(llama.model, "FUSED_KERNELS", "1")
+    monkeypatch.setattr(kernels.common, "KERNELS", "1")
     on = logits_and_lora_grads(model, ids, weights)
     assert calls["norm"] > 0 and calls["rope"] > 0 and calls["swiglu"] > 0
 

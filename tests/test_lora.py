@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from qlora import lora as lora_mod
+from qlora import adapter as lora_mod
 from qlora.linear4bit import Linear4bit
-from qlora.lora import (LoRALinear, apply_lora, count_parameters, load_adapter, merged_state_dict,
-                        save_adapter, save_merged, trainable_summary)
+from qlora.adapter import load_adapter, merged_state_dict, save_adapter, save_merged
+from qlora.lora import LoRALinear, apply_lora, count_parameters, trainable_summary
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -9,9 +9,9 @@ import torch
 
 import train
 from qlora import checkpoint as ckpt
-from qlora.data import Batches, format_row, write_jsonl
-from qlora.demo import train_tokenizer
-from qlora.sql_dataset import sql_rows
+from llama.tokenizer import train_tokenizer
+from qlora.data import Batches, format_row
+from qlora.sql_dataset import sql_rows, write_jsonl
 
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
         "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
