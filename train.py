@@ -1,30 +1,38 @@
 """QLoRA fine-tuning of a Llama model, top to bottom: parse, load, loop, save.
 
     python train.py                                     # demo: a small random Llama, built-in SQL data
-    python train.py --config configs/llama2-7b-sql.yml  # the real job (Llama-2-7B, know_sql)
+    python train.py --config configs/sql.yml            # the seed's job, its axolotl YAML unchanged
+                                                        # (Llama-2-7B, know_sql)
 
-Any config key can be given on the command line too (`--learning_rate 1e-4`). The demo's model is
-randomly initialised: it shows that every piece runs and the loss falls, nothing more.
+Any config key can be given on the command line too (`--learning_rate 1e-4`; with a YAML file that
+says strict: true, only keys the file has). The demo's model is randomly initialised: it shows that
+every piece runs and the loss falls, nothing more.
 """
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
+from llama.generate import generate
 from llama.load import checkpoint_dir, load_llama, random_llama
 from llama.tokenizer import Tokenizer, train_tokenizer
 from qlora.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from qlora.config import TrainConfig, parse_args
-from qlora.data import Batches, batches_in_order, format_row, load_rows, pad_id_of, prepare_data
-from qlora.adapter import save_adapter
-from qlora.lora import apply_lora, trainable_summary
+from qlora.adapter import load_adapter, save_adapter
+from qlora.data import (Batches, batches_in_order, fingerprint, load_rows, pad_id_of, prepare_data,
+                        prepare_data_cached)
+from qlora.lora import apply_lora, lora_layers, trainable_summary
 from qlora.loss import causal_lm_loss, label_count
 from qlora.paged_adamw import PagedAdamW
+from qlora.prompts import QA_TYPES, format_row, strip_response_prefix
+from qlora.sql_eval import exact_match, runs_on_schema
 
 
 def pick_device(name: str) -> torch.device:
@@ -45,17 +53,52 @@ def pick_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 
 def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warm-up to the peak learning rate, then cosine decay to 0 (or constant)."""
+    """transformers' schedules (get_cosine_schedule_with_warmup, what axolotl runs): lr rises
+    linearly from 0 over warmup_steps (step 0 has lr 0), then cosine decay to 0 (or constant)."""
     if step < cfg.warmup_steps:
-        return (step + 1) / (cfg.warmup_steps + 1)
+        return step / max(1, cfg.warmup_steps)
     if cfg.lr_scheduler == "constant":
         return 1.0
     progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
 def memory_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def check_special_tokens(special: dict, tokenizer: Tokenizer) -> None:
+    """special_tokens must be the tokenizer's own (adding tokens, which axolotl can, is not supported)."""
+    own = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "unk_token": tokenizer.sp.unk_id(),
+           "pad_token": tokenizer.pad_id}
+    for key, piece in special.items():
+        have = own[key]
+        if have is None or have < 0 or tokenizer.sp.id_to_piece(have) != piece:
+            name = tokenizer.sp.id_to_piece(have) if have is not None and have >= 0 else "none"
+            raise ValueError(f"special_tokens {key}: {piece!r} is not this tokenizer's ({name!r}); adding "
+                             "tokens is not supported: remove the key or use the matching tokenizer")
+
+
+def due(step: int, every: int, steps_per_epoch: int, total_steps: int) -> bool:
+    """Evaluate / save now? every N steps; every 0: at each epoch's end (HF's "epoch" strategy); and last."""
+    return step == total_steps or step % (every or steps_per_epoch) == 0
+
+
+@contextmanager
+def deferred_interrupt():
+    """Hold a Ctrl-C that arrives inside the block (an optimizer update, a checkpoint write) until the
+    block is done, so the weights, the step number and the data position never disagree."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
@@ -65,7 +108,11 @@ def main(argv=None) -> int:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     print(f"device {device}, compute dtype {dtype}, output {out}")
+    if cfg.fp16 and device.type != "cuda":
+        print("note: fp16: true has no effect on the CPU, which computes in fp32")
 
     # ---- tokenizer and data
     demo = cfg.base_model.endswith(".json")
@@ -76,7 +123,8 @@ def main(argv=None) -> int:
         if not tokenizer_path.is_file():
             texts = []
             for spec in cfg.datasets:
-                texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in load_rows(spec["path"])]
+                rows = load_rows(spec["path"], spec.get("data_files"), spec.get("train_on_split"))
+                texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in rows]
             vocab = json.loads(Path(cfg.base_model).read_text())["vocab_size"]
             train_tokenizer(texts, vocab, tokenizer_path)
     else:
@@ -84,15 +132,22 @@ def main(argv=None) -> int:
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"tokenizer {tokenizer_path} not found: pass --tokenizer PATH/tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
+    check_special_tokens(cfg.special_tokens, tokenizer)
     # Saved beside every adapter (PEFT ignores them): what infer.py needs to rebuild the prompt
     # format, the tokenizer and (for the demo) the random base.
     adapter_extras = {"training_config.json": json.dumps(vars(cfg), indent=2).encode(),
                       "tokenizer.model": tokenizer_path.read_bytes()}
-    data = prepare_data(cfg.datasets, tokenizer, cfg.sequence_len, cfg.val_set_size, cfg.seed,
-                        cfg.train_on_inputs, cfg.sample_packing)
-    print(data.summary())
+    key = fingerprint(cfg.datasets, tokenizer=tokenizer_path.read_bytes(), sequence_len=cfg.sequence_len,
+                      val_set_size=cfg.val_set_size, seed=cfg.seed, train_on_inputs=cfg.train_on_inputs,
+                      sample_packing=cfg.sample_packing) if cfg.dataset_prepared_path else ""
+    data, origin = prepare_data_cached(cfg.dataset_prepared_path, key, lambda: prepare_data(
+        cfg.datasets, tokenizer, cfg.sequence_len, cfg.val_set_size, cfg.seed, cfg.train_on_inputs,
+        cfg.sample_packing))
+    print(f"{data.summary()} ({origin})")
+    if data.dropped:
+        print(f"note: {data.dropped} rows longer than sequence_len {cfg.sequence_len} were left out, as axolotl does")
     pad_id, pad_to = pad_id_of(tokenizer), (cfg.sequence_len if cfg.pad_to_sequence_len else None)
-    batches = Batches(data.train, cfg.micro_batch_size, cfg.seed, pad_id, pad_to)
+    batches = Batches(data.train, cfg.micro_batch_size, cfg.seed, pad_id, pad_to, group_by_length=cfg.group_by_length)
 
     # ---- model: frozen (4-bit) base + LoRA adapters
     t0 = time.time()
@@ -102,19 +157,25 @@ def main(argv=None) -> int:
         model = load_llama(cfg.base_model, device, dtype, cfg.load_in_4bit)
     print(f"base model loaded in {time.time() - t0:.1f}s ({'NF4' if cfg.load_in_4bit else dtype} weights)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
+    if cfg.lora_model_dir:   # continue training an adapter (its own r, alpha and targets), as axolotl
+        load_adapter(model, cfg.lora_model_dir, dtype=torch.float32)
+        for layer in lora_layers(model).values():
+            layer.lora_a.requires_grad_(True), layer.lora_b.requires_grad_(True)
+        print(f"adapter loaded from {cfg.lora_model_dir}")
+    else:
+        apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
     print(trainable_summary(model))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = PagedAdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                            paged=cfg.optimizer == "paged_adamw_32bit")
-    steps_per_epoch = math.ceil(len(batches) / cfg.gradient_accumulation_steps)
+    steps_per_epoch = max(1, math.ceil(len(batches) / cfg.gradient_accumulation_steps))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     # ---- resume
-    step = 0
+    step, best = 0, {"eval_loss": math.inf, "evals_since": 0}
     resume = find_checkpoint(out, cfg.resume_from_checkpoint)
     if resume is not None:
         state = load_checkpoint(resume, model)
@@ -122,7 +183,7 @@ def main(argv=None) -> int:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         batches.load_state_dict(state["data"])
-        step = state["step"]
+        step, best = state["step"], state.get("best", best)
         print(f"resumed from {resume} at step {step}")
 
     def loss_of(batch, num_items: int):
@@ -142,13 +203,14 @@ def main(argv=None) -> int:
         model.train()
         return loss
 
-    def save(at_step: int, data_state: dict, rng: dict) -> Path:
+    def save(at: dict) -> Path:
         trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict(), "data": data_state, "rng": rng,
-                         "config": vars(cfg)}
-        path = save_checkpoint(out, at_step, model, lambda d: save_adapter(model, d, cfg.base_model, overwrite=True,
-                                                                           extra_files=adapter_extras),
-                               trainer_state)
+                         "scaler": scaler.state_dict(), "data": at["data"], "rng": at["rng"],
+                         "best": at["best"], "config": vars(cfg)}
+        with deferred_interrupt():
+            path = save_checkpoint(out, at["step"], model,
+                                   lambda d: save_adapter(model, d, cfg.base_model, overwrite=True,
+                                                          extra_files=adapter_extras), trainer_state)
         print(f"saved {path}")
         return path
 
@@ -162,10 +224,13 @@ def main(argv=None) -> int:
     model.train()
     last_saved = resume
     tokens_seen, t_log = 0, time.time()
-    step_data, step_rng = batches.state_dict(), rng_state()
+    # What a Ctrl-C saves: always one consistent state. During a step's forward/backward passes it is
+    # the state at the step's start (its gradients are dropped); from the optimizer update on (held
+    # until complete), the state after the step, whatever runs next (eval, logging, a save).
+    resume_point = {"step": step, "data": batches.state_dict(), "rng": rng_state(), "best": dict(best)}
+    record = None
     try:
         while step < total_steps:
-            step_data, step_rng = batches.state_dict(), rng_state()   # what a Ctrl-C save restores
             micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
             loss_avg = accumulate_gradients(micro_batches, loss_of, lambda loss: scaler.scale(loss).backward())
             tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro_batches)
@@ -174,14 +239,26 @@ def main(argv=None) -> int:
                 print(f"error: loss is {loss_avg} at step {step + 1}: stopping without saving{where}. "
                       "Lower learning_rate or check the data.", file=sys.stderr)
                 return 1
-            grad_norm, lr = optimizer_step(optimizer, scaler, scheduler, params, cfg.max_grad_norm)
-            step += 1
+            with deferred_interrupt():
+                grad_norm, lr = optimizer_step(optimizer, scaler, scheduler, params, cfg.max_grad_norm)
+                step += 1
+                record = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm,
+                          "epoch": round(batches.epochs_done, 4)}
+                resume_point = {"step": step, "data": batches.state_dict(), "rng": rng_state(), "best": dict(best)}
 
-            record = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm,
-                      "epoch": round(batches.epochs_done, 4)}
-            if step % cfg.eval_steps == 0 or step == total_steps:
+            stop = False
+            if due(step, cfg.eval_steps, steps_per_epoch, total_steps) and data.val:
                 record["eval_loss"] = evaluate()
-            if step % cfg.logging_steps == 0 or "eval_loss" in record or step == total_steps:
+                if cfg.eval_table_size and data.val_rows:
+                    record["eval_table"] = eval_table(model, tokenizer, data.val_rows[:cfg.eval_table_size], device,
+                                                      cfg.sequence_len)
+                if record["eval_loss"] < best["eval_loss"]:
+                    best = {"eval_loss": record["eval_loss"], "evals_since": 0}
+                else:
+                    best = {**best, "evals_since": best["evals_since"] + 1}
+                resume_point["best"] = dict(best)
+                stop = bool(cfg.early_stopping_patience) and best["evals_since"] >= cfg.early_stopping_patience
+            if step % cfg.logging_steps == 0 or "eval_loss" in record or step == total_steps or stop:
                 elapsed = time.time() - t_log
                 record.update(tokens_per_s=round(tokens_seen / elapsed, 1), mem_gib=round(memory_gib(device), 2))
                 tokens_seen, t_log = 0, time.time()
@@ -190,13 +267,20 @@ def main(argv=None) -> int:
                       f"{record['tokens_per_s']:.0f} tok/s mem {record['mem_gib']:.2f} GiB", flush=True)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-            if step % cfg.save_steps == 0 or step == total_steps:
-                last_saved = save(step, batches.state_dict(), rng_state())
+            record = None
+            if stop:
+                print(f"early stopping: eval_loss has not improved for {best['evals_since']} evals "
+                      f"(early_stopping_patience {cfg.early_stopping_patience})")
+                last_saved = save(resume_point)
+                break
+            if due(step, cfg.save_steps, steps_per_epoch, total_steps):
+                last_saved = save(resume_point)
     except KeyboardInterrupt:
-        # Save the state at the start of the interrupted step: its gradients were never applied.
         print("\ninterrupted: saving a checkpoint", file=sys.stderr)
-        optimizer.zero_grad(set_to_none=True)
-        save(step, step_data, step_rng)
+        if record is not None and record["step"] == resume_point["step"]:
+            metrics.write(json.dumps(record) + "\n")     # the finished step's line (its eval was cut short)
+        optimizer.zero_grad(set_to_none=True)            # the unfinished step's gradients, if any
+        save(resume_point)
         return 130
     finally:
         metrics.close()
@@ -204,6 +288,35 @@ def main(argv=None) -> int:
     print(f"done: adapter in {adapter_dir}")
     plot_loss(out)
     return 0
+
+
+@torch.no_grad()
+def eval_table(model, tokenizer, rows: list[tuple[dict, str]], device, sequence_len: int,
+               max_new_tokens: int = 128) -> list[dict]:
+    """axolotl's eval_table_size: greedy answers for a few val rows, printed as a table and returned
+    for metrics.jsonl; for SQL rows (with a CREATE TABLE context) also whether the answer runs."""
+    model.eval()
+    table = []
+    for row, kind in rows:
+        prompt, gold = format_row(row, kind)
+        ids = tokenizer.encode(prompt, bos=True, eos=False)
+        n_new = max(1, min(max_new_tokens, sequence_len - len(ids)))
+        generated = tokenizer.decode(generate(model, [ids], n_new, eos_id=tokenizer.eos_id)[0]).strip()
+        entry = {"gold": gold, "generated": generated}
+        if kind in QA_TYPES and "context" in row and "CREATE TABLE" in row["context"].upper():
+            answer = strip_response_prefix(generated, kind)
+            entry["exact"] = exact_match(answer, row["answer"])
+            try:
+                entry["runs"] = runs_on_schema(answer, row["context"])
+            except ValueError:                             # a context sqlite cannot read
+                entry["runs"] = None
+        table.append(entry)
+    model.train()
+    print("| gold | generated | exact | runs |\n| --- | --- | --- | --- |")
+    for e in table:
+        cell = lambda t: t.replace("|", "\\|").replace("\n", " ")[:80]  # noqa: E731
+        print(f"| {cell(e['gold'])} | {cell(e['generated'])} | {e.get('exact', '')} | {e.get('runs', '')} |")
+    return table
 
 
 def accumulate_gradients(micro_batches: list[dict], loss_of, backward) -> float:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 STATE_FILE = "trainer_state.pt"
+REPLACED = ".replaced-"
 
 
 def rng_state() -> dict:
@@ -52,9 +53,16 @@ def save_checkpoint(output_dir: str | Path, step: int, model, write_adapter, tra
     # trainer_state may carry its own "rng" (the state at the start of an interrupted step)
     state = {"rng": rng_state(), **trainer_state, "step": step, "trainable": trainable_state_dict(model)}
     torch.save(state, tmp / STATE_FILE)
-    if final.exists():                       # re-saving the same step (e.g. Ctrl-C right after a save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)                   # the commit point: the directory appears complete
+    if final.exists():
+        # Re-saving a step (e.g. Ctrl-C right after a save): the old directory stays until the new
+        # one is in place. A crash between the two renames leaves it as .replaced-checkpoint-N,
+        # which list_checkpoints still finds.
+        old = output_dir / f"{REPLACED}{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)               # the commit point: the directory appears complete
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -65,8 +73,13 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    found = {int(p.name.split("-")[-1]): p for p in output_dir.glob("checkpoint-*")
+             if p.is_dir() and (p / STATE_FILE).is_file()}
+    for p in output_dir.glob(f"{REPLACED}checkpoint-*"):   # a re-save cut short between its renames
+        step = int(p.name.split("-")[-2])
+        if step not in found and (p / STATE_FILE).is_file():
+            found[step] = p
+    return [found[step] for step in sorted(found)]
 
 
 def find_checkpoint(output_dir: str | Path, resume: str | bool) -> Path | None:

@@ -1,11 +1,24 @@
 """The training configuration: one dataclass, filled from a YAML file and the command line.
 
-The YAML file may use the keys of an axolotl config (e.g. the seed's sql.yml) that make sense here;
-other keys are reported in one warning and ignored. Contradictory keys are an error.
+An axolotl YAML (the seed's configs/sql.yml) runs as it is. Each key is either
+* honoured as axolotl honours it (a TrainConfig field below, or an ALIASES name of one);
+* known to axolotl but without effect here (AXOLOTL_IGNORED: why, for each) - all such keys that
+  the file sets are named in one warning;
+* known to axolotl and not supported here with the value given (AXOLOTL_REFUSED: deepspeed,
+  fsdp, 8-bit loading, ...) - an error, since ignoring it would train something else;
+* unknown (a typo such as lerning_rate): an error naming the key and the nearest known one, or
+  with `strict: false` a warning.
+`strict` means what it means in axolotl too: with strict (our default) a command-line --key must
+name a key the YAML file has; `strict: false` lets the command line add any key.
+
+Keys a YAML file leaves out get axolotl's defaults where ours differ (FILE_DEFAULTS: no max_steps
+means num_epochs decides; no save_steps / eval_steps means at the end of each epoch). Without a
+file the defaults are the demo's (python train.py). Empty keys (`save_steps:`) count as left out.
 """
 
 import argparse
 import dataclasses
+import difflib
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -27,17 +40,22 @@ class TrainConfig:
     adapter: str = "qlora"                # qlora (4-bit base) or lora (bf16/fp32 base)
     # data
     datasets: list = field(default_factory=lambda: [{"path": "builtin:sql", "type": "context_qa"}])
+                                          # [{path, type, data_files?, train_on_split?}]
     val_set_size: float = 0.05            # a fraction (< 1) or a number of rows (>= 1)
-    sequence_len: int = 256
+    dataset_prepared_path: str = ""       # a folder caching the tokenized dataset ("" = none)
+    sequence_len: int = 256               # longer rows are dropped (as axolotl)
     pad_to_sequence_len: bool = False
-    sample_packing: bool = False
+    sample_packing: bool = False          # rows packed into sequence_len, kept apart
+    group_by_length: bool = False         # micro-batches of similar lengths
     train_on_inputs: bool = False
+    special_tokens: dict = field(default_factory=dict)  # checked against the tokenizer's
     # LoRA (paper eq. 5-6)
     lora_r: int = 16
     lora_alpha: float = 32
     lora_dropout: float = 0.05
     lora_target_linear: bool = True       # all linear layers but lm_head
     lora_target_modules: list = field(default_factory=list)
+    lora_model_dir: str = ""              # an adapter to continue training from ("" = fresh)
     # optimisation
     optimizer: str = "paged_adamw_32bit"  # or adamw_torch
     learning_rate: float = 1e-3
@@ -50,24 +68,53 @@ class TrainConfig:
     num_epochs: float = 1.0
     max_steps: int = 120                  # 0 = run num_epochs
     bf16: str | bool = "auto"             # auto: bf16 where the GPU supports it
-    fp16: bool = False
+    fp16: bool = False                    # fp16 autocast + gradient scaler (GPUs without bf16)
+    tf32: bool = False                    # TF32 matmuls for the fp32 ones (CUDA)
     gradient_checkpointing: bool = False
     # bookkeeping
     output_dir: str = "out/demo"
     logging_steps: int = 10
-    eval_steps: int = 40
-    save_steps: int = 60
+    eval_steps: int = 40                  # 0: at the end of each epoch
+    eval_table_size: int = 0              # at each eval, greedy answers for this many val rows
+    early_stopping_patience: int = 0      # stop after this many evals without a better eval_loss (0: never)
+    save_steps: int = 60                  # 0: at the end of each epoch
     resume_from_checkpoint: str | bool = False  # a checkpoint dir, or True for the latest
     seed: int = 42
     device: str = "auto"
+    strict: bool = True                   # see the top: unknown keys an error; CLI keys must be in the file
 
     @property
     def lora_targets(self) -> list[str] | str:
         return "all-linear" if self.lora_target_linear else list(self.lora_target_modules)
 
 
-# axolotl keys we read under another name or that mean nothing here but are harmless
+# axolotl keys we read under another name
 ALIASES = {"lr": "learning_rate", "epochs": "num_epochs"}
+# Defaults of a run from a YAML file where axolotl's differ from the demo's.
+FILE_DEFAULTS = {"max_steps": 0, "eval_steps": 0, "save_steps": 0, "val_set_size": 0.0}
+_SAME_ARCH = "the architecture and tokenizer come from the checkpoint (config.json, tokenizer.model)"
+_NO_WANDB = "no Weights & Biases logging here: metrics go to output_dir/metrics.jsonl"
+# axolotl keys that change nothing here, and why (named in one warning when a file sets them).
+AXOLOTL_IGNORED = {
+    "base_model_config": _SAME_ARCH, "model_type": _SAME_ARCH, "tokenizer_type": _SAME_ARCH,
+    "is_llama_derived_model": _SAME_ARCH, "trust_remote_code": _SAME_ARCH,
+    "flash_attention": "attention is SDPA's flash kernel (FlexAttention for packed rows) anyway",
+    "xformers_attention": "attention is SDPA's flash kernel (FlexAttention for packed rows) anyway",
+    "sdp_attention": "attention is SDPA anyway",
+    "wandb_project": _NO_WANDB, "wandb_entity": _NO_WANDB, "wandb_watch": _NO_WANDB,
+    "wandb_run_id": _NO_WANDB, "wandb_log_model": _NO_WANDB, "wandb_name": _NO_WANDB,
+    "local_rank": "one process, one GPU", "debug": "no debug dump of tokenized rows",
+    "dataset_processes": "tokenizing runs in this process",
+}
+# axolotl keys whose given value this trainer cannot honour: (the values that are fine, the fix).
+AXOLOTL_REFUSED = {
+    "load_in_8bit": ((False,), "8-bit loading is not supported: use load_in_4bit (QLoRA) or adapter: lora"),
+    "lora_fan_in_fan_out": ((False,), "Llama's linear weights are (out, in): leave lora_fan_in_fan_out empty"),
+    "deepspeed": ((), "DeepSpeed is not supported (one GPU): remove deepspeed"),
+    "fsdp": ((), "FSDP is not supported (one GPU): remove fsdp"),
+    "fsdp_config": ((), "FSDP is not supported (one GPU): remove fsdp_config"),
+}
+DATASET_KEYS = ("path", "type", "data_files", "train_on_split")
 
 
 def _coerce(name: str, value, default):
@@ -96,6 +143,10 @@ def _coerce(name: str, value, default):
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if kind is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
         if kind is list:
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
@@ -132,11 +183,11 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         bad(f"optimizer {cfg.optimizer!r} is not supported: use paged_adamw_32bit or adamw_torch")
     if cfg.lr_scheduler not in ("cosine", "constant"):
         bad(f"lr_scheduler {cfg.lr_scheduler!r} is not supported: use cosine or constant")
-    for name in ("lora_r", "micro_batch_size", "gradient_accumulation_steps", "sequence_len",
-                 "logging_steps", "eval_steps", "save_steps"):
+    for name in ("lora_r", "micro_batch_size", "gradient_accumulation_steps", "sequence_len", "logging_steps"):
         if getattr(cfg, name) <= 0:
             bad(f"{name} must be > 0, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "max_steps", "weight_decay", "lora_dropout", "val_set_size", "max_grad_norm"):
+    for name in ("warmup_steps", "max_steps", "weight_decay", "lora_dropout", "val_set_size", "max_grad_norm",
+                 "eval_steps", "save_steps", "eval_table_size", "early_stopping_patience"):
         if getattr(cfg, name) < 0:
             bad(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.lora_dropout < 1:
@@ -149,25 +200,62 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         bad("datasets must be a non-empty list of {path, type}")
     for i, d in enumerate(cfg.datasets):
         if not isinstance(d, dict) or "path" not in d:
-            bad(f"datasets[{i}] needs a 'path' (and a 'type': context_qa or alpaca)")
+            bad(f"datasets[{i}] needs a 'path' (and a 'type': context_qa, context_qa.load_v2, alpaca, ...)")
+        from qlora.prompts import check_type
+        check_type(d.get("type", "context_qa"))
+    unknown = [k for k in cfg.special_tokens if k not in ("bos_token", "eos_token", "unk_token", "pad_token")]
+    if unknown:
+        bad(f"special_tokens {unknown} are not supported: only bos_token, eos_token, unk_token, pad_token")
     return cfg
 
 
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown(message: str, strict: bool) -> None:
+    if strict:
+        raise ValueError(f"config: {message}; fix it, or set strict: false to only warn")
+    warnings.warn(f"config: {message}: ignored (strict: false)", stacklevel=3)
+
+
 def from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
-    """Fill a TrainConfig from a dict of axolotl-style keys; warn once about unknown keys."""
+    """Fill a TrainConfig from a dict of axolotl-style keys (see the top for what each kind of key does)."""
     cfg = base or TrainConfig()
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    updates, unknown = {}, []
+    strict = _coerce("strict", values.get("strict"), cfg.strict)
+    known = set(fields) | set(ALIASES) | set(AXOLOTL_IGNORED) | set(AXOLOTL_REFUSED)
+    updates, ignored = {}, []
     for key, value in values.items():
-        key = ALIASES.get(key, key)
-        if key not in fields:
-            unknown.append(key)
+        if key in AXOLOTL_REFUSED:
+            allowed, fix = AXOLOTL_REFUSED[key]
+            if value not in (None, "", *allowed):
+                raise ValueError(f"config: {key}: {value!r}: {fix}")
             continue
-        updates[key] = _coerce(key, value, getattr(cfg, key))
-    if unknown:
-        warnings.warn(f"ignoring config keys this trainer does not use: {', '.join(sorted(unknown))}",
-                      stacklevel=2)
-    return _validate(dataclasses.replace(cfg, **updates))
+        if key in AXOLOTL_IGNORED:
+            if value not in (None, ""):
+                ignored.append(key)
+            continue
+        name = ALIASES.get(key, key)
+        if name not in fields:
+            _unknown(f"unknown key {key!r}{_suggest(key, known)}", strict)
+            continue
+        updates[name] = _coerce(name, value, getattr(cfg, name))
+    if ignored:
+        reasons = {}
+        for key in ignored:
+            reasons.setdefault(AXOLOTL_IGNORED[key], []).append(key)
+        warnings.warn("ignoring axolotl keys that change nothing here: " +
+                      "; ".join(f"{', '.join(keys)} ({why})" for why, keys in reasons.items()), stacklevel=2)
+    cfg = dataclasses.replace(cfg, **updates)
+    for i, spec in enumerate(cfg.datasets if isinstance(cfg.datasets, list) else []):
+        for key in (spec if isinstance(spec, dict) else {}):
+            if key not in DATASET_KEYS:
+                _unknown(f"datasets[{i}]: unknown key {key!r}{_suggest(key, DATASET_KEYS)}", strict)
+        if isinstance(spec, dict) and spec.get("train_on_split") is None:
+            spec.pop("train_on_split", None)
+    return _validate(cfg)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -193,11 +281,21 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.add_argument(f"--{f.name}", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     values = load_yaml(args.config) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    cli = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    if args.config and _coerce("strict", cli.get("strict", values.get("strict")), True):
+        # axolotl's strict: the command line may only override keys the file has
+        extra = [k for k in cli if k not in values and k != "strict"]
+        if extra:
+            raise ValueError(f"config: --{extra[0]} is not a key of {args.config}, which sets strict: true "
+                             "(the default): add the key to the file, or set strict: false")
+    values.update(cli)
     if isinstance(values.get("datasets"), str):  # --datasets rows.jsonl or rows.jsonl:alpaca
+        from qlora.prompts import REQUIRED_FIELDS
         path, kind = values["datasets"], "context_qa"
-        for known in ("context_qa", "alpaca"):
+        for known in sorted(REQUIRED_FIELDS, key=len, reverse=True):
             if path.endswith(":" + known):
                 path, kind = path[: -len(known) - 1], known
+                break
         values["datasets"] = [{"path": path, "type": kind}]
-    return from_dict(values)
+    base = dataclasses.replace(TrainConfig(), **FILE_DEFAULTS) if args.config else None
+    return from_dict(values, base)
