@@ -16,7 +16,6 @@ them works too; then pass --tokenizer if the base has no tokenizer.model.
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from llama.generate import TextStream, generate
-from llama.load import checkpoint_dir, load_llama, random_llama
+from llama.load import config_path, is_random_base, load_base, model_dir
 from llama.model import Llama
 from llama.tokenizer import Tokenizer
 from qlora.config import TrainConfig
@@ -32,6 +31,7 @@ from qlora.data import check_rows, load_rows
 from qlora.adapter import load_adapter, merged_state_dict, read_adapter_config, save_merged
 from qlora.prompts import QA_TYPES, format_row, sql_prompt, strip_response_prefix
 from qlora.sql_eval import score
+from qlora.trainer import pick_device
 
 TRAINING_CONFIG = "training_config.json"
 TOKENIZER = "tokenizer.model"
@@ -95,20 +95,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_base(base: str, train_cfg: dict, device: torch.device, dtype: torch.dtype, load_in_4bit: bool) -> Llama:
-    if base.endswith(".json"):
-        # The demo's base: a random Llama, rebuilt from the config and the seed training used.
-        seed = train_cfg.get("seed", TrainConfig().seed)
-        return random_llama(base, device, dtype, load_in_4bit, seed)
-    return load_llama(base, device, dtype, load_in_4bit)
-
-
 def find_tokenizer(args, base: str) -> Tokenizer:
     candidates = [Path(args.tokenizer)] if args.tokenizer else []
     if not args.tokenizer and args.adapter:
         candidates.append(Path(args.adapter) / TOKENIZER)
-    if not args.tokenizer and not base.endswith(".json"):
-        candidates.append(checkpoint_dir(base) / TOKENIZER)
+    if not args.tokenizer and not is_random_base(base):
+        candidates.append(model_dir(base) / TOKENIZER)
     for path in candidates:
         if path.is_file():
             return Tokenizer(path)
@@ -148,10 +140,7 @@ def main(argv=None) -> int:
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # fp32 is the fast CPU dtype
 
     # ---- the adapter's files: PEFT's config, and what train.py keeps beside it
@@ -199,7 +188,8 @@ def run(argv=None) -> int:
     # ---- load: base (NF4 unless --bf16 or trained on a 16-bit base), adapter, tokenizer
     t0 = time.time()
     load_in_4bit = not args.bf16 and train_cfg.get("load_in_4bit", True)
-    model = load_base(base, train_cfg, device, dtype, load_in_4bit)
+    # The demo's random base is rebuilt from its config.json and the seed training used.
+    model = load_base(base, device, dtype, load_in_4bit, train_cfg.get("seed", TrainConfig().seed))
     if args.adapter:
         try:
             # A and B stored in the compute dtype: forward casts them to it anyway, now once, not every step.
@@ -218,12 +208,10 @@ def run(argv=None) -> int:
     if args.export:
         if not args.adapter:
             raise ValueError("--export writes base + adapter merged: pass --adapter too")
-        config = json.loads((Path(base) if base.endswith(".json") else checkpoint_dir(base) / "config.json").read_text())
-        out = save_merged(model, config, args.export,     # into a temp dir, then renamed: never half-written
-                          load_in_4bit=args.export_4bit)
-        tmp = out / (TOKENIZER + ".tmp")                   # the tokenizer too, so the dir is a whole checkpoint
-        tmp.write_bytes(tokenizer.sp.serialized_model_proto())
-        os.replace(tmp, out / TOKENIZER)
+        config = json.loads(config_path(base).read_text())
+        # One atomic write (a temp dir, then renamed) of the weights and the tokenizer: a whole checkpoint or none.
+        out = save_merged(model, config, args.export, load_in_4bit=args.export_4bit,
+                          extra_files={TOKENIZER: tokenizer.sp.serialized_model_proto()})
         print(f"merged model written to {out}", file=sys.stderr)
     if args.merge:
         model = merged_model(model)

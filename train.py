@@ -15,56 +15,26 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from llama.generate import generate
-from llama.load import checkpoint_dir, load_llama, random_llama
+from llama.load import config_path, is_random_base, load_base, model_dir
 from llama.tokenizer import Tokenizer, train_tokenizer
+from qlora.adapter import load_adapter, save_adapter
+from qlora.atomic import write_file, write_text
 from qlora.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from qlora.config import TrainConfig, parse_args
-from qlora.adapter import load_adapter, save_adapter
 from qlora.data import (Batches, batches_in_order, fingerprint, load_rows, pad_id_of, prepare_data,
                         prepare_data_cached)
 from qlora.lora import apply_lora, lora_layers, trainable_summary
 from qlora.loss import causal_lm_loss, label_count
-from qlora.paged_adamw import PagedAdamW
 from qlora.prompts import QA_TYPES, format_row, strip_response_prefix
 from qlora.sql_eval import exact_match, runs_on_schema
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def pick_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    """The compute dtype: bf16 on GPUs that have it, fp16 if asked, fp32 on the CPU (faster there)."""
-    if device.type != "cuda":
-        return torch.float32
-    if cfg.fp16 or (cfg.bf16 == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    if cfg.bf16 is True and not torch.cuda.is_bf16_supported():
-        raise ValueError("bf16: true but this GPU has no bf16: set fp16: true")
-    return torch.bfloat16 if cfg.bf16 in (True, "auto") else torch.float32
-
-
-def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """transformers' schedules (get_cosine_schedule_with_warmup, what axolotl runs): lr rises
-    linearly from 0 over warmup_steps (step 0 has lr 0), then cosine decay to 0 (or constant)."""
-    if step < cfg.warmup_steps:
-        return step / max(1, cfg.warmup_steps)
-    if cfg.lr_scheduler == "constant":
-        return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-
-def memory_gib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+from qlora.trainer import (accumulate_gradients, make_optimizer, memory_gib, mixed_precision, optimizer_step,
+                           pick_device, pick_dtype)
 
 
 def check_special_tokens(special: dict, tokenizer: Tokenizer) -> None:
@@ -115,20 +85,19 @@ def main(argv=None) -> int:
         print("note: fp16: true has no effect on the CPU, which computes in fp32")
 
     # ---- tokenizer and data
-    demo = cfg.base_model.endswith(".json")
     if cfg.tokenizer:
         tokenizer_path = Path(cfg.tokenizer)
-    elif demo:  # the demo model has no tokenizer: train one on the dataset (once, kept in output_dir)
+    elif is_random_base(cfg.base_model):  # the demo model has no tokenizer: train one on the dataset (once, kept in output_dir)
         tokenizer_path = out / "tokenizer.model"
         if not tokenizer_path.is_file():
             texts = []
             for spec in cfg.datasets:
                 rows = load_rows(spec["path"], spec.get("data_files"), spec.get("train_on_split"))
                 texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in rows]
-            vocab = json.loads(Path(cfg.base_model).read_text())["vocab_size"]
+            vocab = json.loads(config_path(cfg.base_model).read_text())["vocab_size"]
             train_tokenizer(texts, vocab, tokenizer_path)
     else:
-        tokenizer_path = checkpoint_dir(cfg.base_model) / "tokenizer.model"
+        tokenizer_path = model_dir(cfg.base_model) / "tokenizer.model"
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"tokenizer {tokenizer_path} not found: pass --tokenizer PATH/tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
@@ -151,10 +120,7 @@ def main(argv=None) -> int:
 
     # ---- model: frozen (4-bit) base + LoRA adapters
     t0 = time.time()
-    if demo:
-        model = random_llama(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed)
-    else:
-        model = load_llama(cfg.base_model, device, dtype, cfg.load_in_4bit)
+    model = load_base(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed)
     print(f"base model loaded in {time.time() - t0:.1f}s ({'NF4' if cfg.load_in_4bit else dtype} weights)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.lora_model_dir:   # continue training an adapter (its own r, alpha and targets), as axolotl
@@ -166,13 +132,10 @@ def main(argv=None) -> int:
         apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
     print(trainable_summary(model))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = PagedAdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                           paged=cfg.optimizer == "paged_adamw_32bit")
     steps_per_epoch = max(1, math.ceil(len(batches) / cfg.gradient_accumulation_steps))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    optimizer, scheduler = make_optimizer(params, cfg, total_steps)
+    autocast, scaler = mixed_precision(device, dtype)
 
     # ---- resume
     step, best = 0, {"eval_loss": math.inf, "evals_since": 0}
@@ -219,7 +182,7 @@ def main(argv=None) -> int:
     metrics_path = out / "metrics.jsonl"
     kept = [line for line in (metrics_path.read_text().splitlines() if resume and metrics_path.exists() else [])
             if json.loads(line)["step"] <= step]
-    metrics_path.write_text("".join(line + "\n" for line in kept))
+    write_text(metrics_path, "".join(line + "\n" for line in kept))
     metrics = open(metrics_path, "a")
     model.train()
     last_saved = resume
@@ -319,33 +282,6 @@ def eval_table(model, tokenizer, rows: list[tuple[dict, str]], device, sequence_
     return table
 
 
-def accumulate_gradients(micro_batches: list[dict], loss_of, backward) -> float:
-    """Backward over one optimizer step's micro-batches, token-weighted -> the step's loss.
-
-    Each micro-batch's loss is its token-loss sum / the label tokens of the whole step (qlora/loss.py),
-    so the accumulated gradient is that of one batch holding every micro-batch's rows.
-    """
-    num_items = sum(label_count(b["labels"]) for b in micro_batches)
-    total = 0.0
-    for batch in micro_batches:
-        loss = loss_of(batch, num_items)
-        backward(loss)
-        total += loss.item()
-    return total
-
-
-def optimizer_step(optimizer, scaler, scheduler, params, max_grad_norm: float) -> tuple[float, float]:
-    """Unscale (fp16), clip the grad norm, step, zero the grads, advance the schedule -> (grad norm, lr)."""
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    lr = scheduler.get_last_lr()[0]
-    scheduler.step()
-    return grad_norm, lr
-
-
 def plot_loss(out: Path) -> None:
     """loss.png from metrics.jsonl, if matplotlib is installed (pip install -e '.[plot]')."""
     try:
@@ -361,9 +297,7 @@ def plot_loss(out: Path) -> None:
     evals = [r for r in rows if "eval_loss" in r]
     ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
     ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend()
-    tmp = out / "loss.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(out / "loss.png")
+    write_file(out / "loss.png", lambda tmp: fig.savefig(tmp, dpi=100))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ transformers + bitsandbytes, in one run.
     python -m bench.decode --json out/bench/decode.json          # GPU: 7B shapes, 128 new tokens
     python -m bench.decode --tiny --json /tmp/decode.json        # the same code at test size, on the CPU
 
-Both sides load one random checkpoint (bench/checkpoint.py, written once and reused) in NF4 with
+Both sides load one random checkpoint (bench/random_model.py, written once and reused) in NF4 with
 double quantization and bf16 compute, and continue the same short prompt by exactly 128 tokens:
 ours with llama.generate.generate (no EOS stop), eager and, on a GPU, with the decode step replayed
 as a CUDA graph; the peer with generate(do_sample=False, max_new_tokens=128, min_new_tokens=128).
@@ -12,6 +12,12 @@ Each side runs once untimed (Triton autotuning, cuBLAS set-up), then --repeats t
 median counts. tokens/s = new tokens / wall time of the whole generate call (prefill included);
 "decode tokens/s" leaves out the prefill: tokens after the first / time from the first to the last.
 Random weights: speed does not depend on their values. Peer reference: 12.6 tokens/s on an H100.
+
+    python -m bench.decode --shape llama3_8b --sides ours,ours_graph   # Llama-3-8B shapes, ours only
+
+--shape llama3_8b (GQA with 8 key/value heads, 14336 MLP, 128k vocabulary) builds our model with
+random NF4 projections directly on the device instead of writing and loading a 16 GB checkpoint;
+the peer needs the checkpoint, so it is not run for that shape.
 """
 
 import argparse
@@ -23,8 +29,10 @@ from pathlib import Path
 
 import torch
 
-from bench.checkpoint import LLAMA2_7B, TINY, write_random_checkpoint
-from bench.load import CHECKPOINT_7B, CHECKPOINT_TINY, load_ours, load_peer, pick_device
+from bench.random_model import LLAMA2_7B, TINY, write_random_checkpoint
+from bench.common import CHECKPOINT_7B, CHECKPOINT_TINY, load_ours, load_peer
+from qlora.atomic import write_text
+from qlora.trainer import pick_device
 
 
 def sync(device: torch.device) -> None:
@@ -48,10 +56,46 @@ def timed_runs(run, device: torch.device, repeats: int) -> dict:
             "decode_tokens_per_s": statistics.median(decodes), "runs_tokens_per_s": totals}
 
 
-def bench_ours(path, device, prompt: list[int], new_tokens: int, repeats: int, cuda_graph: bool) -> dict:
+LLAMA3_8B = dict(LLAMA2_7B, intermediate_size=14336, num_key_value_heads=8, vocab_size=128256,
+                 max_position_embeddings=8192, rope_theta=500000.0)
+
+
+def random_ours(shape: dict, device: torch.device):
+    """Our Llama with random weights made on the device: NF4 projections (blocksize 64, double
+    quantization, bf16 compute), bf16 embeddings / lm_head / norms, as load_ours gives."""
+    from llama.model import Llama, LlamaConfig, rope_inv_freq
+    from qlora.linear4bit import Linear4bit
+
+    config = LlamaConfig(**shape)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Llama(config)
+    model.to_empty(device=device)
+    randn = lambda *size: torch.randn(*size, device=device, dtype=torch.bfloat16) * 0.02
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(randn(config.vocab_size, config.hidden_size))
+        model.lm_head.weight.copy_(randn(config.vocab_size, config.hidden_size))
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+            for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                  (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+                for name in names:
+                    old = getattr(parent, name)
+                    setattr(parent, name, Linear4bit.from_weight(randn(old.out_features, old.in_features)))
+        model.model.norm.weight.fill_(1.0)
+    model.to(torch.bfloat16)
+    model.inv_freq = rope_inv_freq(config, device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def bench_ours(path, device, prompt: list[int], new_tokens: int, repeats: int, cuda_graph: bool,
+               shape: dict | None = None) -> dict:
     from llama.generate import generate
 
-    model = load_ours(path, device).eval()
+    model = (load_ours(path, device) if shape is None else random_ours(shape, device)).eval()
 
     def run(on_token):
         return generate(model, [prompt], new_tokens, eos_id=None, on_token=on_token, cuda_graph=cuda_graph)[0]
@@ -93,6 +137,8 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint", help=f"checkpoint directory (default {CHECKPOINT_7B}, or {CHECKPOINT_TINY} "
                                         "with --tiny); written first if absent")
     p.add_argument("--tiny", action="store_true", help="test-size model (runs on the CPU)")
+    p.add_argument("--shape", default="llama2_7b", choices=["llama2_7b", "llama3_8b"],
+                   help="llama3_8b: random weights made on the device, ours only")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--prompt_len", type=int, default=16, help="prompt tokens (BOS + random ids)")
@@ -103,14 +149,19 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     device = pick_device(args.device)
-    shape = TINY if args.tiny else LLAMA2_7B
-    path = write_random_checkpoint(args.checkpoint or (CHECKPOINT_TINY if args.tiny else CHECKPOINT_7B), shape)
+    shape = TINY if args.tiny else LLAMA3_8B if args.shape == "llama3_8b" else LLAMA2_7B
+    in_memory = args.shape == "llama3_8b" and not args.tiny
+    if in_memory and "peer" in args.sides.split(","):
+        p.error("--shape llama3_8b runs our model only (no checkpoint is written): pass --sides ours,ours_graph")
+    path = None if in_memory else write_random_checkpoint(
+        args.checkpoint or (CHECKPOINT_TINY if args.tiny else CHECKPOINT_7B), shape)
     gen = torch.Generator().manual_seed(0)
     prompt = [1] + torch.randint(3, shape["vocab_size"], (args.prompt_len - 1,), generator=gen).tolist()
     sides = args.sides.split(",")
     if device.type != "cuda" and "ours_graph" in sides:
         sides.remove("ours_graph")                                  # CUDA graphs need a GPU
-    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, checkpoint {path}, "
+    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, shape {args.shape}, "
+          f"checkpoint {path or 'none (random weights made on the device)'}, "
           f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens, median of {args.repeats}")
 
     results = {}
@@ -119,7 +170,7 @@ def main(argv=None) -> None:
             results[side] = bench_peer(path, device, prompt, args.new_tokens, args.repeats)
         else:
             results[side] = bench_ours(path, device, prompt, args.new_tokens, args.repeats,
-                                       cuda_graph=side == "ours_graph")
+                                       cuda_graph=side == "ours_graph", shape=shape if in_memory else None)
         if device.type == "cuda":
             results[side]["peak_allocated_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
         gc.collect()                                                # free this side before the next loads
@@ -147,11 +198,10 @@ def main(argv=None) -> None:
         results["ours_graph"]["equals_eager"] = same
         print(f"CUDA-graph tokens == eager tokens: {same}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         details = {"device": str(device), "checkpoint": str(path), "shape": shape, "prompt": prompt,
                    "new_tokens": args.new_tokens, "repeats": args.repeats, "peer_reference_h100_tokens_per_s": 12.6,
                    "results": results}
-        Path(args.json).write_text(json.dumps(details, indent=2) + "\n")
+        write_text(args.json, json.dumps(details, indent=2) + "\n")
         print(f"details in {args.json}")
 
 

@@ -6,7 +6,7 @@ forward + backward:
     python -m bench.fused_kernels        # CUDA only; the CPU tests are tests/test_kernels_fused.py
 
 RMSNorm and RoPE on (2, 2048, 4096) bf16, SwiGLU on (2, 2048, 11008), and the LoRA input gradient
-through dropout (kernels/lora.py) for 4096 rows, r = 32, in = 4096 and 11008.
+through dropout (kernels/lora_grad.py) for 4096 rows, r = 32, in = 4096 and 11008.
 """
 
 import sys
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import llama.model as m
-from kernels.lora import lora_dropout_grad_
+from kernels.lora_grad import lora_dropout_grad_
 from kernels.rmsnorm import rms_norm
 from kernels.rope import apply_rope_qk
 from kernels.swiglu import swiglu

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import sys
+import time
 import traceback
 
 import torch
@@ -24,6 +25,7 @@ import triton
 from triton.testing import do_bench
 
 from kernels import NF4Matmul, dequantize_nf4_triton, gemv_nf4, matmul_nf4, matmul_nf4_grad
+from qlora.atomic import write_text
 from qlora.nf4 import QuantState, dequantize_nf4
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]   # [out, in]
@@ -79,7 +81,38 @@ def check(weights, bnb_f, bnb, tokens: int) -> dict:
             "bnb_matmul_rel_err": rel(bnb.matmul_4bit(x, packed.t(), qs), x.double() @ w64.T)}
 
 
-def bench_shape(out_f: int, in_f: int, tokens: int, bnb_f, bnb) -> dict:
+def graph_us(fn, rotate: int, replays: int = 20) -> float:
+    """Per-call time of fn(0), ..., fn(rotate - 1) captured back to back in one CUDA graph: launch
+    gaps as in a graphed decode step, weights still rotated beyond L2."""
+    for i in range(rotate):
+        fn(i)                                             # compile / autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(rotate):
+            fn(i)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return 1e3 * start.elapsed_time(end) / (replays * rotate)
+
+
+def host_us(fn, rotate: int, calls: int = 200) -> float:
+    """Host time per call of fn (what an eager step pays before the GPU sees the kernel)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(calls):
+        fn(i % rotate)
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return 1e6 * (t1 - t0) / calls
+
+
+def bench_shape(out_f: int, in_f: int, tokens: int, bnb_f, bnb, decode_only: bool = False) -> dict:
     n = out_f * in_f
     packed_bytes = n // 2 + n // 64 + 4 * math.ceil(n / 64 / 256)      # codes + u8 absmax + fp32 absmax2
     count = max(2, math.ceil(ROTATE_BYTES / packed_bytes))
@@ -88,21 +121,17 @@ def bench_shape(out_f: int, in_f: int, tokens: int, bnb_f, bnb) -> dict:
     P = lambda i: weights[i][0].view(-1)
     S = lambda i: weights[i][2]
 
+    if decode_only:
+        return bench_decode(r, weights, packed_bytes, bnb)
     # dequantization: packed + absmax read, bf16 written
     r["dequant_us"] = median_us(lambda i: dequantize_nf4_triton(P(i), S(i), torch.bfloat16), count)
     r["bnb_dequant_us"] = median_us(lambda i: bnb_f.dequantize_4bit(weights[i][0], weights[i][1]), count)
     moved = packed_bytes + 2 * n
     r["dequant_TBps"], r["bnb_dequant_TBps"] = moved / r["dequant_us"] / 1e6, moved / r["bnb_dequant_us"] / 1e6
 
-    # decode: 1, 4 and 16 rows (bnb has a GEMV for 1 row only; more rows dequantize + matmul)
+    bench_decode(r, weights, packed_bytes, bnb)
     dense_count = max(2, math.ceil(ROTATE_BYTES / (2 * n)))
     dense = [torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) for _ in range(dense_count)]
-    for m in DECODE_ROWS:
-        xm = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
-        r[f"gemv{m}_us"] = median_us(lambda i: gemv_nf4(xm, P(i), S(i)), count)
-        r[f"bnb_gemv{m}_us"] = median_us(lambda i: bnb.matmul_4bit(xm, weights[i][0].t(), weights[i][1]), count)
-        r[f"dense_gemv{m}_us"] = median_us(lambda i: F.linear(xm, dense[i]), dense_count)
-    r["gemv1_TBps"] = (packed_bytes + 2 * (in_f + out_f)) / r["gemv1_us"] / 1e6
 
     # training path: forward, input gradient, and both through autograd (what Linear4bit runs)
     x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
@@ -125,10 +154,38 @@ def bench_shape(out_f: int, in_f: int, tokens: int, bnb_f, bnb) -> dict:
     return r
 
 
+def bench_decode(r: dict, weights, packed_bytes: int, bnb) -> dict:
+    """Decode with 1, 4 and 16 rows: our GEMV vs bnb.matmul_4bit (its gemv_4bit at 1 row; more rows
+    dequantize + matmul) vs bf16 F.linear; do_bench medians and, for 1 row, CUDA-graph replays."""
+    out_f, in_f = weights[0][2].shape
+    count = len(weights)
+    P = lambda i: weights[i][0].view(-1)
+    S = lambda i: weights[i][2]
+    dense_count = max(2, math.ceil(ROTATE_BYTES / (2 * out_f * in_f)))
+    dense = [torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) for _ in range(dense_count)]
+    for m in DECODE_ROWS:
+        xm = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
+        ours = lambda i: gemv_nf4(xm, P(i), S(i))
+        peer = lambda i: bnb.matmul_4bit(xm, weights[i][0].t(), weights[i][1])
+        r[f"gemv{m}_us"] = median_us(ours, count)
+        r[f"bnb_gemv{m}_us"] = median_us(peer, count)
+        r[f"dense_gemv{m}_us"] = median_us(lambda i: F.linear(xm, dense[i]), dense_count)
+        r[f"gemv{m}_graph_us"] = graph_us(ours, count)
+        r[f"bnb_gemv{m}_graph_us"] = graph_us(peer, count)
+        r[f"dense_gemv{m}_graph_us"] = graph_us(lambda i: F.linear(xm, dense[i]), dense_count)
+        r[f"gemv{m}_host_us"] = host_us(ours, count)          # Python + launch time of one call
+        r[f"bnb_gemv{m}_host_us"] = host_us(peer, count)
+    r["gemv1_TBps"] = (packed_bytes + 2 * (in_f + out_f)) / r["gemv1_us"] / 1e6
+    r["gemv1_graph_TBps"] = (packed_bytes + 2 * (in_f + out_f)) / r["gemv1_graph_us"] / 1e6
+    return r
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096, help="rows of x for the training-path products")
     parser.add_argument("--json", help="write all numbers to this file")
+    parser.add_argument("--decode_only", action="store_true", help="only the decode GEMV rows (1, 4, 16)")
+    parser.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="out x in, comma-separated")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench.kernels needs a CUDA GPU")
@@ -140,20 +197,30 @@ def main() -> None:
             "bitsandbytes": bnb.__version__, **ceilings()}
     print(json.dumps(info), flush=True)
     rows = []
-    for out_f, in_f in SHAPES:
+    for out_f, in_f in [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]:
         try:
-            rows.append(bench_shape(out_f, in_f, args.tokens, bnb_f, bnb))
+            rows.append(bench_shape(out_f, in_f, args.tokens, bnb_f, bnb, args.decode_only))
             print(json.dumps(rows[-1]), flush=True)
         except Exception:
             traceback.print_exc()
         torch.cuda.empty_cache()
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump({"info": info, "rows": rows}, f, indent=1)
-        import os
-        os.replace(args.json + ".tmp", args.json)
+        write_text(args.json, json.dumps({"info": info, "rows": rows}, indent=1))
 
     print(f"\ncopy {info['copy_TBps']:.2f} TB/s, bf16 matmul 8192^3 {info['matmul_bf16_8192_TFLOPs']:.0f} TFLOP/s")
+    print("CUDA-graph replays, us per call (do_bench medians / host us per call in the JSON):")
+    print("| weight | " + " | ".join(f"b{m} ours / bnb / bf16" for m in DECODE_ROWS) + " | b1 TB/s | bnb / ours b1 | "
+          "b16 / b1 |")
+    for r in rows:
+        cells = " | ".join(f"{r[f'gemv{m}_graph_us']:.1f} / {r[f'bnb_gemv{m}_graph_us']:.1f} / "
+                           f"{r[f'dense_gemv{m}_graph_us']:.1f}" for m in DECODE_ROWS)
+        print(f"| {r['shape']} | {cells} | {r['gemv1_graph_TBps']:.2f} | "
+              f"{r['bnb_gemv1_graph_us'] / r['gemv1_graph_us']:.2f} | {r['gemv16_graph_us'] / r['gemv1_graph_us']:.2f} |")
+    print("host us per call, ours / bnb: " + ", ".join(
+        f"{r['shape']} " + " ".join(f"b{m} {r[f'gemv{m}_host_us']:.0f}/{r[f'bnb_gemv{m}_host_us']:.0f}" for m in DECODE_ROWS)
+        for r in rows))
+    if args.decode_only:
+        return
     print("| weight | dequant us (TB/s) | bnb dequant us (TB/s) | "
           + " | ".join(f"b{m} gemv / bnb / bf16 us" for m in DECODE_ROWS) + " | b1 gemv TB/s |")
     for r in rows:

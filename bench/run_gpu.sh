@@ -15,6 +15,9 @@ for stage in "$@"; do
     fused)      timeout 120 python -m bench.fused_kernels 2>&1 | tee "$OUT/fused_kernels.txt" | tail -20 ;;
     load)       timeout 330 python -m bench.load --json "$OUT/load.json" 2>&1 | tail -25 ;;
     decode)     timeout 240 python -m bench.decode --repeats 2 --json "$OUT/decode.json" 2>&1 | tail -25 ;;
+    eval)       # issue #16 item 3; needs .gpu-data/ (spider_dev.jsonl + llama2-tokenizer.model, carried)
+                timeout 480 python -m bench.batched_eval --rows .gpu-data/spider_dev.jsonl \
+                  --tokenizer .gpu-data/llama2-tokenizer.model --json "$OUT/batched_eval.json" 2>&1 | tail -15 ;;
     train_step) timeout 420 python -m bench.train_step --json "$OUT/train_step.json" 2>&1 | tail -60 ;;
     train)      # the issue #6 GPU check: train.py itself, 7B shapes, micro-batch 2 x 2048, r=32 all-linear
                 timeout 300 python train.py --config configs/sql.yml --base_model /tmp/llama2-7b-random \

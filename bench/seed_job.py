@@ -39,15 +39,15 @@ import statistics
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.load import (CHECKPOINT_7B, CHECKPOINT_TINY, REPO, load_ours, load_peer, pick_device,
-                        prepare_checkpoint, run_side_subprocess, size, versions)
+from bench.common import (CHECKPOINT_7B, CHECKPOINT_TINY, REPO, load_ours, load_peer, prepare_checkpoint,
+                          run_side_subprocess, size, versions)
+from qlora.trainer import pick_device
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 TOKENIZER = SHARED_DATA / "llama2-tokenizer.model"
@@ -126,26 +126,23 @@ def micro_batches(examples, s: Settings, packed: bool, count: int) -> tuple[list
 
 def build_ours(s: Settings, device, packed: bool):
     """train.py's pieces with the seed's YAML (configs/sql.yml) -> (step(micro_batches) -> loss, info)."""
-    import train
     from qlora.config import from_dict, load_yaml
     from qlora.lora import apply_lora, count_parameters
-    from qlora.paged_adamw import PagedAdamW
+    from qlora.trainer import accumulate_gradients, make_optimizer, mixed_precision, optimizer_step, pick_dtype
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")              # the YAML's ignored keys: named in train.py's run
         cfg = from_dict({**load_yaml(REPO / "configs" / "sql.yml"), "base_model": s.checkpoint,
                          "sample_packing": packed, "sequence_len": s.sequence_len})
-    dtype = train.pick_dtype(cfg, device)
+    dtype = pick_dtype(cfg, device)
     model = load_ours(cfg.base_model, device, dtype)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     torch.manual_seed(s.seed)
     apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = PagedAdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                           paged=cfg.optimizer == "paged_adamw_32bit")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda st: 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    # the YAML's schedule (warmup 10 from lr 0) over a long run: the timed steps' update sizes are real
+    optimizer, scheduler = make_optimizer(params, cfg, total_steps=10_000)
+    autocast, scaler = mixed_precision(device, dtype)
     model.train()
 
     def loss_of(batch, num_items):                   # train.py's loss_of
@@ -156,8 +153,8 @@ def build_ours(s: Settings, device, packed: bool):
             return causal_lm_loss(hidden, model.lm_head.weight, batch["labels"].to(device), num_items=num_items)
 
     def step(batches) -> float:
-        loss = train.accumulate_gradients(batches, loss_of, lambda l: scaler.scale(l).backward())
-        train.optimizer_step(optimizer, scaler, scheduler, params, cfg.max_grad_norm)
+        loss = accumulate_gradients(batches, loss_of, lambda l: scaler.scale(l).backward())
+        optimizer_step(optimizer, scaler, scheduler, params, cfg.max_grad_norm)
         return loss
 
     trainable, total = count_parameters(model)
@@ -198,7 +195,10 @@ def build_unsloth(s: Settings, device, packed: bool):
 def _hf_style_step(model, bnb, s: Settings, device, unsloth: bool):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.PagedAdamW32bit(params, lr=2e-4, weight_decay=0.0)
-    scaler = torch.amp.GradScaler("cuda")
+    # The Trainer's fp16 loss scaling; GradScaler cannot unscale fp16 gradients, so it runs only
+    # where the adapters are fp32 (PEFT upcasts them; the JSON records what ran).
+    scaled = all(p.dtype == torch.float32 for p in params)
+    scaler = torch.amp.GradScaler("cuda", enabled=scaled)
     model.train()
 
     def forward(batch):
@@ -223,7 +223,8 @@ def _hf_style_step(model, bnb, s: Settings, device, unsloth: bool):
         return total
 
     trainable, total = model.get_nb_trainable_parameters()
-    return step, dict(compute_dtype="torch.float16", trainable_params=trainable, total_params=total)
+    return step, dict(compute_dtype="torch.float16", trainable_params=trainable, total_params=total,
+                      adapter_dtype=str(params[0].dtype), loss_scaling=scaled)
 
 
 BUILDERS = {"hf": build_hf, "ours": build_ours, "ours_packed": build_ours, "unsloth": build_unsloth,

@@ -28,20 +28,21 @@ the recomputed FLOPs too. (The common 6N rule would count weight gradients the f
 """
 
 import argparse
-import functools
 import json
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import record_function
 
-from bench.load import (CHECKPOINT_7B, CHECKPOINT_TINY, REPO, load_ours, load_peer, measure_load, pick_device,
-                        prepare_checkpoint, ratio, run_side_subprocess, size, versions)
+from bench.common import (CHECKPOINT_7B, CHECKPOINT_TINY, REPO, load_ours, load_peer, measure_load, prepare_checkpoint,
+                          ratio, run_side_subprocess, size, versions)
+from bench.step_profile import print_profile, profile_step
+from qlora.atomic import write_text
+from qlora.trainer import pick_device
 
 GOAL_SPEEDUP, GOAL_MEMORY = 2.0, 0.7     # issue #8: >= 2x the peer's tokens/s in <= 0.7x its peak memory
 
@@ -75,30 +76,25 @@ def random_batch(s: Settings, vocab_size: int, device) -> tuple[torch.Tensor, to
 
 def build_ours(s: Settings, device: torch.device):
     """train.py's model, optimizer and step -> (model, step(input_ids, labels) -> loss, info)."""
-    import train
+    from qlora import trainer
     from qlora.config import TrainConfig
     from qlora.lora import apply_lora, count_parameters
     from qlora.loss import causal_lm_loss
-    from qlora.paged_adamw import PagedAdamW
 
     cfg = TrainConfig(base_model=s.checkpoint, load_in_4bit=True, lora_r=s.lora_r, lora_alpha=s.lora_alpha,
                       lora_dropout=s.lora_dropout, learning_rate=s.learning_rate, weight_decay=0.0,
                       lr_scheduler="constant", warmup_steps=0, max_grad_norm=s.max_grad_norm,
                       optimizer="paged_adamw_32bit", gradient_checkpointing=True, gradient_accumulation_steps=1,
                       micro_batch_size=s.micro_batch, sequence_len=s.seq_len, seed=s.seed)
-    dtype = train.pick_dtype(cfg, device)           # bf16 on the GPU, fp32 on the CPU (as train.py)
+    dtype = trainer.pick_dtype(cfg, device)         # bf16 on the GPU, fp32 on the CPU (as train.py)
     model, load = measure_load(lambda: load_ours(cfg.base_model, device, dtype), device)
-    # From here on, train.py's lines in its order.
+    # From here on, train.py's lines in its order, through qlora/trainer.py as train.py calls it.
     model.gradient_checkpointing = cfg.gradient_checkpointing
     torch.manual_seed(s.seed)
     apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = PagedAdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                           paged=cfg.optimizer == "paged_adamw_32bit")
-    total_steps = s.warmup_steps + s.timed_steps + 1
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda st: train.lr_factor(st, cfg, total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    optimizer, scheduler = trainer.make_optimizer(params, cfg, s.warmup_steps + s.timed_steps + 1)
+    autocast, scaler = trainer.mixed_precision(device, dtype)
     model.train()
 
     def step(input_ids, labels) -> float:
@@ -110,7 +106,7 @@ def build_ours(s: Settings, device: torch.device):
         step.enqueued = time.perf_counter()       # the host has launched forward and backward
         loss_value = loss.item()
         with record_function("bench:optimizer"):
-            train.optimizer_step(optimizer, scaler, scheduler, params, cfg.max_grad_norm)
+            trainer.optimizer_step(optimizer, scaler, scheduler, params, cfg.max_grad_norm)
         return loss_value
 
     trainable, total = count_parameters(model)
@@ -154,220 +150,6 @@ def build_peer(s: Settings, device: torch.device):
     trainable, total = model.get_nb_trainable_parameters()
     info = dict(load=load, compute_dtype="torch.bfloat16", trainable_params=trainable, total_params=total)
     return model, step, info
-
-
-# ----------------------------------------------------------------------------- profile: where the time goes
-
-# Module classes (ours and the peer's) whose forward becomes a named range in the profile.
-def scope_of(module) -> str | None:
-    name, where = type(module).__name__, type(module).__module__
-    if where.startswith("peft") and hasattr(module, "lora_A") or name == "LoRALinear":
-        return "lora"
-    if name in ("Linear4bit", "Linear8bitLt"):            # qlora.linear4bit and bitsandbytes.nn
-        return "base"
-    if name.endswith("RMSNorm"):
-        return "norm"
-    if name in ("Attention", "LlamaAttention"):
-        return "attention"
-    if name in ("MLP", "LlamaMLP"):
-        return "mlp"
-    return None
-
-
-# Functions (not modules) whose calls become a named range: (module, attribute, scope).
-# qlora.lora._base_grad_input is the frozen base's input gradient inside LoRAFunction's backward,
-# which would otherwise count as LoRA (the node's forward scope).
-SCOPED_FUNCTIONS = [("llama.model", "apply_rope", "rope"), ("llama.model", "apply_rope_qk", "rope"),
-                    ("transformers.models.llama.modeling_llama", "apply_rotary_pos_emb", "rope"),
-                    ("qlora.lora", "_base_grad_input", "base")]
-
-# (row, group): the groups are the ones issue #8 asks for; the rows say where inside them.
-ROWS = [("matmul: frozen base (4-bit linears)", "matmul"),
-        ("matmul: LoRA A/B", "matmul"),
-        ("matmul: lm_head", "matmul"),
-        ("matmul: other", "matmul"),
-        ("dequant (+ other ops inside the 4-bit linear)", "dequant"),
-        ("attention (SDPA kernels)", "attention"),
-        ("norms (RMSNorm)", "norms"),
-        ("RoPE", "elementwise"),
-        ("SwiGLU (silu, mul)", "elementwise"),
-        ("LoRA elementwise (dropout, scale, add, casts, grad accumulation)", "elementwise"),
-        ("attention glue (transposes, copies)", "elementwise"),
-        ("other elementwise (residual adds, embedding)", "elementwise"),
-        ("loss (cross-entropy)", "loss"),
-        ("optimizer (clip + AdamW)", "optimizer"),
-        ("other (memcpy, memset, unattributed)", "other")]
-GROUPS = ["matmul", "dequant", "attention", "norms", "elementwise", "loss", "optimizer", "other"]
-
-
-def row_of(kernel: str, scope: str | None) -> str:
-    """A kernel (GPU) or aten op (CPU) name and the innermost scope it ran in -> a row of ROWS."""
-    n = kernel.lower()
-    if any(w in n for w in ("flash", "fmha", "attention", "attn", "sdpa")):
-        return "attention (SDPA kernels)"
-    if "dequant" in n:
-        return "dequant (+ other ops inside the 4-bit linear)"
-    if any(w in n for w in ("gemm", "cutlass", "nvjet", "cublas", "xmma", "matmul", "sm90", "sm80",
-                            "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")):
-        return {"base": "matmul: frozen base (4-bit linears)", "lora": "matmul: LoRA A/B",
-                "loss": "matmul: lm_head"}.get(scope, "matmul: other")
-    if scope == "base":       # what else the 4-bit linear runs; on the CPU reference path, the dequantization
-        return "dequant (+ other ops inside the 4-bit linear)"
-    if scope == "optimizer" or "multi_tensor" in n or "optimizer" in n:
-        return "optimizer (clip + AdamW)"
-    if scope == "loss" or any(w in n for w in ("softmax", "cross_entropy", "nll_loss")):
-        return "loss (cross-entropy)"
-    if n.startswith(("memcpy", "memset")) or scope == "unattributed":
-        return "other (memcpy, memset, unattributed)"
-    if scope == "norm" or "rms" in n:
-        return "norms (RMSNorm)"
-    by_scope = {"rope": "RoPE", "mlp": "SwiGLU (silu, mul)",
-                "lora": "LoRA elementwise (dropout, scale, add, casts, grad accumulation)",
-                "attention": "attention glue (transposes, copies)"}
-    return by_scope.get(scope, "other elementwise (residual adds, embedding)")
-
-
-class Scopes:
-    """While active, named record_function ranges mark where the step is: the forward of each module
-    scope_of() names and of lm_head ("loss"), each call of SCOPED_FUNCTIONS, and the peer's loss
-    function (ours has its ranges in build_ours' step). Everything is undone on exit.
-
-    always_call: checkpointing's recomputation stops with an exception once it has rebuilt the saved
-    tensors backward needs, in the middle of a forward; the range must close then too.
-    """
-
-    def __init__(self, model):
-        self.model, self.stack, self.undo = model, [], []
-
-    def _enter(self, name, *_):
-        rf = record_function(f"bench:{name}")
-        rf.__enter__()
-        self.stack.append(rf)
-
-    def _exit(self, *_):
-        self.stack.pop().__exit__(None, None, None)
-
-    @staticmethod
-    def _scoped(name, fn):
-        @functools.wraps(fn)
-        def scoped(*args, **kwargs):
-            with record_function(f"bench:{name}"):
-                return fn(*args, **kwargs)
-        return scoped
-
-    def __enter__(self):
-        for path, m in self.model.named_modules():
-            name = "loss" if path.split(".")[-1] == "lm_head" else scope_of(m)
-            if name:
-                handles = [m.register_forward_pre_hook(functools.partial(self._enter, name)),
-                           m.register_forward_hook(self._exit, always_call=True)]
-                self.undo += [h.remove for h in handles]
-            if type(m).__name__.endswith("ForCausalLM") and hasattr(type(m), "loss_function"):
-                # transformers' model.loss_function has a setter that stores _loss_function
-                m.loss_function = self._scoped("loss", m.loss_function)
-                self.undo.append(functools.partial(delattr, m, "_loss_function"))
-        for module_name, attr, name in SCOPED_FUNCTIONS:
-            module = sys.modules.get(module_name)
-            if module is not None and hasattr(module, attr):
-                fn = getattr(module, attr)
-                setattr(module, attr, self._scoped(name, fn))
-                self.undo.append(functools.partial(setattr, module, attr, fn))
-        return self
-
-    def __exit__(self, *exc):
-        for undo in reversed(self.undo):
-            undo()
-
-
-def group_profile(events, cuda: bool) -> dict:
-    """Profiler events of one step -> {"rows": {row: microseconds}, "top": the 40 costliest kernels}:
-    GPU kernel time on CUDA, self time of aten ops on the CPU.
-
-    A kernel belongs to the op that launched it; the op's scope is its innermost bench:* range. A
-    backward op gets the scope of the forward op that made its autograd node (same sequence number),
-    so the backward of an RMSNorm counts as norm too. Kernels of the recomputed forward (gradient
-    checkpointing) run inside the module hooks again and are scoped directly.
-    """
-    direct = {}                                   # id(event) -> scope from enclosing ranges only
-
-    def range_scope(e):
-        key = id(e)
-        if key not in direct:
-            if e.name.startswith("bench:"):
-                direct[key] = e.name[len("bench:"):]
-            else:
-                direct[key] = range_scope(e.cpu_parent) if e.cpu_parent is not None else None
-        return direct[key]
-
-    def in_backward(e) -> bool:
-        while e is not None:
-            if e.name.startswith("autograd::engine::evaluate_function"):
-                return True
-            e = e.cpu_parent
-        return False
-
-    cpu_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
-    forward_scope = {}                            # (sequence_nr, thread) -> scope of the op that made the node
-    for e in sorted(cpu_events, key=lambda e: e.time_range.start):   # inner (later) ops overwrite outer
-        # Only the forward pass: backward nodes carry their forward op's number too, and recomputed
-        # ops (inside backward) make nodes that never run.
-        if e.sequence_nr >= 0 and not in_backward(e):
-            forward_scope[(e.sequence_nr, e.thread)] = range_scope(e)
-
-    full = {}
-
-    def scope(e):
-        key = id(e)
-        if key not in full:
-            if e.name.startswith("bench:"):
-                full[key] = e.name[len("bench:"):]
-            elif e.name.startswith("autograd::engine::evaluate_function"):
-                full[key] = "lora" if "AccumulateGrad" in e.name else forward_scope.get((e.sequence_nr, e.fwd_thread))
-            else:
-                full[key] = scope(e.cpu_parent) if e.cpu_parent is not None else None
-        return full[key]
-
-    rows = {row: 0.0 for row, _ in ROWS}
-    kernels = {}                                  # (name, row) -> [microseconds, launches]
-    if cuda:
-        work = [(k.name, k.duration, e) for e in cpu_events for k in e.kernels]
-    else:
-        work = [(e.name, e.self_cpu_time_total, e) for e in cpu_events
-                if e.name.startswith("aten::") and e.self_cpu_time_total > 0]
-    for name, us, e in work:
-        row = row_of(name, scope(e))
-        rows[row] += us
-        if cuda and name.startswith(("Memcpy", "Memset")):     # say which op asked for the copy
-            name = f"{name} <- {e.name}" + (f" <- {e.cpu_parent.name}" if e.cpu_parent is not None else "")
-        entry = kernels.setdefault((name[:160], row), [0.0, 0])
-        entry[0] += us
-        entry[1] += 1
-    if cuda:   # kernels the profiler could not tie to an op
-        # Our record_function ranges ("bench:...") also appear on the GPU track as annotations that
-        # span their kernels; counting them summed those kernels twice (the H100 run of 2026-11-23
-        # showed 907 ms of "kernel time" in a 587 ms step). Count only real device work, each once.
-        total = sum(e.time_range.elapsed_us() for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-                    and not e.name.startswith(("bench:", "ProfilerStep")))
-        rows["other (memcpy, memset, unattributed)"] += max(0.0, total - sum(rows.values()))
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
-    return {"rows": rows, "top": [dict(name=n, row=r, us=us, count=c) for (n, r), (us, c) in top],
-            "kernels": len(work) if cuda else None,
-            "aten_ops": sum(1 for e in cpu_events if e.name.startswith("aten::") and
-                            not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))}
-
-
-def profile_step(model, step, batch, device) -> dict:
-    """One step under torch.profiler -> {"rows": {row: us}, "wall_s": the step with the profiler on}."""
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with Scopes(model), profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        step(*batch)
-        if cuda:
-            torch.cuda.synchronize(device)
-        wall = time.perf_counter() - t0
-    return {**group_profile(prof.events(), cuda), "wall_s": wall,
-            "measures": "GPU kernel time" if cuda else "CPU self time of aten ops"}
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -500,39 +282,6 @@ def print_tables(results: dict, s: Settings, ceiling: float | None, device_name:
     print_profile({side: r["profile"] for side, r in results.items() if r.get("profile")})
 
 
-def print_profile(profiled: dict) -> None:
-    """The per-part table (ms and % of the measured time) for each profiled side, then the groups."""
-    if not profiled:
-        return
-    sides = list(profiled)
-    rows = {side: p["rows"] for side, p in profiled.items()}
-    totals = {side: sum(r.values()) or 1.0 for side, r in rows.items()}
-    columns = [f"{side} {unit}" for side in sides for unit in ("ms", "%")]
-
-    def cells(side, us):
-        return f"{us / 1e3:.1f} | {100 * us / totals[side]:.1f}"
-
-    print(f"\n### Where one step's time goes ({profiled[sides[0]]['measures']}, one profiled step)\n")
-    print("| " + " | ".join(["part", "group", *columns]) + " |\n|" + " --- |" * (2 + len(columns)))
-    for row, group in ROWS:
-        print(f"| {row} | {group} | " + " | ".join(cells(side, rows[side][row]) for side in sides) + " |")
-    print("| **total** | | " + " | ".join(f"**{totals[side] / 1e3:.1f}** | 100" for side in sides) + " |")
-    print("\n| " + " | ".join(["group", *columns]) + " |\n|" + " --- |" * (1 + len(columns)))
-    for group in GROUPS:
-        members = [row for row, g in ROWS if g == group]
-        print(f"| {group} | " + " | ".join(cells(side, sum(rows[side][r] for r in members)) for side in sides) + " |")
-    for side in sides:
-        print(f"\n{side}: the 10 costliest kernels (40 in the JSON)")
-        for k in profiled[side]["top"][:10]:
-            print(f"  {k['us'] / 1e3:8.1f} ms {k['count']:6d}x  [{k['row'].split(' (')[0]}]  {k['name'][:100]}")
-    print()
-    for side in sides:
-        wall, busy = profiled[side]["wall_s"], totals[side] / 1e6
-        print(f"{side}: profiled step {wall:.3f} s wall (profiler on), {busy:.3f} s measured "
-              f"({100 * busy / wall:.0f}% of the wall time; the rest is idle GPU or profiler overhead); "
-              f"{profiled[side].get('aten_ops')} aten ops called from Python, {profiled[side].get('kernels')} kernels")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help=f"checkpoint directory (default {CHECKPOINT_7B}, "
@@ -560,7 +309,7 @@ def main(argv=None) -> int:
 
     if args.side:
         result = run_side(args.side, s, device, args.profile)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_text(args.json, json.dumps(result, indent=2))
         return 0
 
     prepare_checkpoint(s.checkpoint, args.tiny)
@@ -581,9 +330,8 @@ def main(argv=None) -> int:
         if "error" in result or "skipped" in result:
             print(f"{side}: {result.get('error') or 'skipped: ' + result['skipped']}")
     out = Path(args.json or REPO / "out/bench/train_step.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     mfus = {side: dict(zip(("mfu", "hfu"), mfu(r, ceiling, side))) for side, r in results.items()}
-    out.write_text(json.dumps({"settings": asdict(s), "matmul_ceiling_tflops": ceiling, "mfu": mfus,
+    write_text(out, json.dumps({"settings": asdict(s), "matmul_ceiling_tflops": ceiling, "mfu": mfus,
                                "results": results}, indent=2))
     print(f"details: {out}")
     return 0 if all("error" not in r for r in results.values()) else 1

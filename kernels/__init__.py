@@ -3,7 +3,7 @@ fused RMSNorm, RoPE and SwiGLU of the Llama block, and the LoRA input gradient t
 
 from kernels.dequant import KERNEL_DTYPES, dequantize_nf4_triton
 from kernels.gemv import MAX_ROWS, gemv_nf4, gemv_supported
-from kernels.lora import lora_dropout_grad_
+from kernels.lora_grad import lora_dropout_grad_
 from kernels.matmul import NF4Matmul, matmul_nf4, matmul_nf4_grad
 from kernels.rmsnorm import RMSNormFunction, rms_norm
 from kernels.rope import RoPEFunction, apply_rope_qk

@@ -29,13 +29,16 @@ def _quantize_kernel(w_ptr, mid_ptr, packed_ptr, absmax_ptr, bad_ptr, n,
     w0 = tl.load(w_ptr + even, mask=even < n, other=0.0).to(tl.float32)            # values 2i
     w1 = tl.load(w_ptr + even + 1, mask=even + 1 < n, other=0.0).to(tl.float32)    # values 2i + 1
 
-    finite = (tl.abs(w0) < float("inf")) & (tl.abs(w1) < float("inf"))            # False for NaN too
+    # fp32 constants by their bits: Triton types a Python float it cannot hold as a normal fp32 as fp64.
+    FLT_MAX = tl.full((BLOCKS, HALF), 0x7F7FFFFF, tl.int32).to(tl.float32, bitcast=True)
+    finite = (tl.abs(w0) <= FLT_MAX) & (tl.abs(w1) <= FLT_MAX)                     # False for NaN too
     tl.atomic_add(bad_ptr, tl.sum(tl.sum((~finite).to(tl.int32), axis=1), axis=0))
 
     absmax = tl.maximum(tl.max(tl.abs(w0), axis=1), tl.max(tl.abs(w1), axis=1))   # (BLOCKS,)
     n_blocks = tl.cdiv(n, BLOCKSIZE)
     tl.store(absmax_ptr + block, absmax, mask=block < n_blocks)
-    safe = tl.maximum(absmax, 1e-38)[:, None]                                      # an all-zero block stays 0
+    TINY = tl.full((BLOCKS,), 0x006CE3EE, tl.int32).to(tl.float32, bitcast=True)   # fp32(1e-38), the clamp
+    safe = tl.maximum(absmax, TINY)[:, None]                                       # an all-zero block stays 0
     partial = (block == n_blocks - 1)[:, None] & (n % BLOCKSIZE != 0)
     recip = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)             # IEEE 1 / absmax
     s0 = tl.where(partial, tl.math.div_rn(w0, safe), w0 * recip)

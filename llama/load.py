@@ -42,7 +42,7 @@ def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat1
         raise ValueError(f"dtype {dtype} is not supported: use torch.bfloat16, torch.float16 or torch.float32")
     if load_in_4bit and blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize {blocksize} is not supported: use one of {BLOCKSIZES}")
-    directory = checkpoint_dir(path_or_repo_id)
+    directory = model_dir(path_or_repo_id)
     hf_config = _read_json(directory / "config.json")
     prequantized = bnb_format.is_prequantized(hf_config)
     if "quantization_config" in hf_config and not prequantized:
@@ -111,6 +111,25 @@ def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat1
     return model
 
 
+def is_random_base(base_model) -> bool:
+    """Whether base_model names a config.json (the demo: a random Llama built from it) rather than a
+    checkpoint directory or a hub id. The one place that tells the two apart."""
+    return str(base_model).endswith(".json")
+
+
+def load_base(base_model, device, dtype: torch.dtype, load_in_4bit: bool, seed: int) -> Llama:
+    """The frozen base model: a checkpoint through load_llama, or for a config.json the demo's random
+    Llama drawn with `seed` (random_llama)."""
+    if is_random_base(base_model):
+        return random_llama(base_model, device, dtype, load_in_4bit, seed)
+    return load_llama(base_model, device, dtype, load_in_4bit)
+
+
+def config_path(base_model) -> Path:
+    """The base model's config.json: the file itself for the demo, else the checkpoint's."""
+    return Path(base_model) if is_random_base(base_model) else model_dir(base_model) / "config.json"
+
+
 def quantize_weight(weight: torch.Tensor, device, dtype: torch.dtype, blocksize: int = 64,
                     double_quant: bool = True, chunk_numel: int = QUANT_CHUNK_NUMEL) -> Linear4bit:
     """A [out, in] weight on any device -> Linear4bit on `device`, quantized there in `dtype` (also
@@ -159,8 +178,8 @@ def resident_bytes(model: nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- files
 
-def checkpoint_dir(path_or_repo_id) -> Path:
-    """A local directory as is; a Hub repo id ("owner/name") downloaded (safetensors, json, tokenizer)."""
+def model_dir(path_or_repo_id) -> Path:
+    """The directory of a model's weights (a Hugging Face checkpoint): a local directory as is; a Hub repo id ("owner/name") downloaded (safetensors, json, tokenizer)."""
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path

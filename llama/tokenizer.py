@@ -5,12 +5,13 @@ never becomes the BOS id (transformers' tokenizer turns it into BOS; sentencepie
 do not). BOS/EOS are added only through the `bos` / `eos` flags.
 """
 
-import os
 import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
 from sentencepiece import SentencePieceProcessor
+
+from qlora.atomic import write_bytes
 
 
 class Tokenizer:
@@ -47,7 +48,6 @@ class Tokenizer:
 def train_tokenizer(texts: list[str], vocab_size: int, out_path: str | Path) -> Path:
     """Train a BPE sentencepiece model on `texts` with Llama's special ids (unk 0, bos 1, eos 2)."""
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text("\n".join(t.replace("\n", " ") for t in texts))
@@ -55,7 +55,5 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_path: str | Path) -> 
             input=str(corpus), model_prefix=str(Path(tmp) / "tok"), vocab_size=vocab_size,
             model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
             character_coverage=1.0, num_threads=2, minloglevel=2)
-        tmp_out = out_path.with_suffix(".tmp")
-        tmp_out.write_bytes((Path(tmp) / "tok.model").read_bytes())
-        os.replace(tmp_out, out_path)
+        write_bytes(out_path, (Path(tmp) / "tok.model").read_bytes())
     return out_path

@@ -6,10 +6,7 @@ Hugging Face safetensors checkpoint (config.json + model*.safetensors) that from
 """
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qlora import bnb_format
+from qlora.atomic import write_dir
 from qlora.linear4bit import Linear4bit
 from qlora.lora import LoRALinear, apply_lora, base_weight, find_lora_targets, lora_layers
 
@@ -72,42 +70,15 @@ def _parse_size(size) -> int:
     return int(float(match.group(1)) * units[match.group(2)])
 
 
-def _write_dir_atomically(out_dir, write, overwrite: bool) -> Path:
-    """Run write(tmp_dir) in a sibling temp directory, then rename it to out_dir.
-
-    A crash leaves only a hidden .tmp directory; out_dir is either absent, the old one or complete.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir} is a file: pass a directory path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"{out_dir} exists and is not empty: choose a new directory or pass overwrite=True")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)                          # mkdtemp makes it private (0700)
-        write(tmp)
-        if out_dir.exists():                          # rename() cannot replace a non-empty directory
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "dir")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
 def save_merged(model: nn.Module, config_dict: dict, out_dir, max_shard_size="5GB",
                 dtype: torch.dtype = torch.bfloat16, overwrite: bool = False, load_in_4bit: bool = False,
-                blocksize: int = 64, double_quant: bool = True) -> Path:
+                blocksize: int = 64, double_quant: bool = True, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write a merged model that transformers' from_pretrained loads: config.json and
     model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json.
 
     load_in_4bit: each merged linear weight (rounded to `dtype`) is quantized to NF4 again and written
     in bitsandbytes' 4-bit format (qlora/bnb_format.py), which transformers + bitsandbytes load.
+    extra_files {name: bytes} (e.g. tokenizer.model) go into the same directory in the same atomic write.
     """
     limit = _parse_size(max_shard_size)
     config = {k: v for k, v in config_dict.items() if k not in ("quantization_config", "torch_dtype")}
@@ -145,6 +116,8 @@ def save_merged(model: nn.Module, config_dict: dict, out_dir, max_shard_size="5G
 
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         if len(shards) == 1:
             save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
             return
@@ -157,7 +130,7 @@ def save_merged(model: nn.Module, config_dict: dict, out_dir, max_shard_size="5G
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    return _write_dir_atomically(out_dir, write, overwrite)
+    return write_dir(out_dir, write, overwrite)
 
 
 # ----------------------------------------------------------------------------- PEFT adapter files
@@ -201,7 +174,7 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
 
-    return _write_dir_atomically(out_dir, write, overwrite)
+    return write_dir(out_dir, write, overwrite)
 
 
 def _dropout_p(layer: LoRALinear) -> float:

@@ -1,12 +1,11 @@
-"""Training checkpoints written atomically: a temp directory that is renamed when complete.
+"""Training checkpoints (resume state) written atomically: a temp directory renamed when complete.
 
 A checkpoint directory `checkpoint-{step}` holds the adapter in PEFT's format (what a user keeps),
 plus `trainer_state.pt` with everything needed to continue exactly: trainable weights, optimizer
 and scheduler state, the data position and every random number generator. A crash mid-save leaves
-only a `.tmp-*` directory, which is ignored, so the previous checkpoint stays the latest.
+only a hidden temporary directory, which is ignored, so the previous checkpoint stays the latest.
 """
 
-import os
 import random
 import shutil
 from pathlib import Path
@@ -14,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qlora.atomic import write_dir
+
 STATE_FILE = "trainer_state.pt"
-REPLACED = ".replaced-"
 
 
 def rng_state() -> dict:
@@ -44,25 +44,15 @@ def save_checkpoint(output_dir: str | Path, step: int, model, write_adapter, tra
     Keeps the newest `keep` checkpoints and deletes older ones.
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write_adapter(tmp)
     # trainer_state may carry its own "rng" (the state at the start of an interrupted step)
     state = {"rng": rng_state(), **trainer_state, "step": step, "trainable": trainable_state_dict(model)}
-    torch.save(state, tmp / STATE_FILE)
-    if final.exists():
-        # Re-saving a step (e.g. Ctrl-C right after a save): the old directory stays until the new
-        # one is in place. A crash between the two renames leaves it as .replaced-checkpoint-N,
-        # which list_checkpoints still finds.
-        old = output_dir / f"{REPLACED}{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)               # the commit point: the directory appears complete
+
+    def write(tmp: Path) -> None:
+        write_adapter(tmp)
+        torch.save(state, tmp / STATE_FILE)
+
+    # Re-saving a step (e.g. Ctrl-C right after a save) swaps the directory: the old one stays until then.
+    final = write_dir(output_dir / f"checkpoint-{step}", write, overwrite=True)
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -73,13 +63,8 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = {int(p.name.split("-")[-1]): p for p in output_dir.glob("checkpoint-*")
-             if p.is_dir() and (p / STATE_FILE).is_file()}
-    for p in output_dir.glob(f"{REPLACED}checkpoint-*"):   # a re-save cut short between its renames
-        step = int(p.name.split("-")[-2])
-        if step not in found and (p / STATE_FILE).is_file():
-            found[step] = p
-    return [found[step] for step in sorted(found)]
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
 def find_checkpoint(output_dir: str | Path, resume: str | bool) -> Path | None:

@@ -17,6 +17,7 @@ file the defaults are the demo's (python train.py). Empty keys (`save_steps:`) c
 """
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import sys
@@ -26,62 +27,71 @@ from pathlib import Path
 
 import yaml
 
+from qlora.lora import LINEAR_NAMES
+
 DEFAULT_MODEL = "configs/tiny-llama.json"  # a small randomly initialised Llama, for the demo
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def option(default, help: str):
+    """A TrainConfig field: its default and the one-line meaning that `train.py --help` prints."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     # model
-    base_model: str = DEFAULT_MODEL       # HF dir / hub id, or a config.json (random init demo)
-    tokenizer: str = ""                   # tokenizer.model path; "" = the base model's own, or
-                                          # (demo) one trained on the dataset
-    load_in_4bit: bool = True
-    adapter: str = "qlora"                # qlora (4-bit base) or lora (bf16/fp32 base)
+    base_model: str = option(DEFAULT_MODEL, "HF checkpoint dir or hub id; or a config.json: a random Llama (the demo)")
+    tokenizer: str = option("", "tokenizer.model path; empty: the base model's own, or (demo) one trained on the data")
+    load_in_4bit: bool = option(True, "store the frozen base in NF4 with double quantization (QLoRA)")
+    adapter: str = option("qlora", "qlora (4-bit base) or lora (bf16/fp32 base)")
     # data
-    datasets: list = field(default_factory=lambda: [{"path": "builtin:sql", "type": "context_qa"}])
-                                          # [{path, type, data_files?, train_on_split?}]
-    val_set_size: float = 0.05            # a fraction (< 1) or a number of rows (>= 1)
-    dataset_prepared_path: str = ""       # a folder caching the tokenized dataset ("" = none)
-    sequence_len: int = 256               # longer rows are dropped (as axolotl)
-    pad_to_sequence_len: bool = False
-    sample_packing: bool = False          # rows packed into sequence_len, kept apart
-    group_by_length: bool = False         # micro-batches of similar lengths
-    train_on_inputs: bool = False
-    special_tokens: dict = field(default_factory=dict)  # checked against the tokenizer's
+    datasets: list = option([{"path": "builtin:sql", "type": "context_qa"}],
+                            "rows to train on: [{path, type, data_files?, train_on_split?}]; on the command "
+                            "line PATH or PATH:TYPE (context_qa, context_qa.load_v2, alpaca, ...)")
+    val_set_size: float = option(0.05, "held-out rows for eval: a fraction (< 1) or a number of rows (>= 1)")
+    dataset_prepared_path: str = option("", "a folder caching the tokenized dataset, keyed by what made it")
+    sequence_len: int = option(256, "tokens per training sequence; longer rows are dropped (as axolotl)")
+    pad_to_sequence_len: bool = option(False, "pad every batch to sequence_len (fixed shapes)")
+    sample_packing: bool = option(False, "pack rows into sequence_len, kept apart (own positions and attention)")
+    group_by_length: bool = option(False, "micro-batches of rows of similar length (less padding)")
+    train_on_inputs: bool = option(False, "take the loss on the prompt too, not only on the completion")
+    special_tokens: dict = option({}, "bos_token/eos_token/unk_token/pad_token: must be the tokenizer's own")
     # LoRA (paper eq. 5-6)
-    lora_r: int = 16
-    lora_alpha: float = 32
-    lora_dropout: float = 0.05
-    lora_target_linear: bool = True       # all linear layers but lm_head
-    lora_target_modules: list = field(default_factory=list)
-    lora_model_dir: str = ""              # an adapter to continue training from ("" = fresh)
+    lora_r: int = option(16, "LoRA rank r")
+    lora_alpha: float = option(32, "LoRA alpha: the update is scaled by alpha / r")
+    lora_dropout: float = option(0.05, "dropout on the adapter's input")
+    lora_target_linear: bool = option(True, "adapt all linear layers but lm_head")
+    lora_target_modules: list = option([], "or adapt these (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+    lora_model_dir: str = option("", "an adapter to continue training (its r, alpha and targets); empty: a new one")
     # optimisation
-    optimizer: str = "paged_adamw_32bit"  # or adamw_torch
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = 10
-    max_grad_norm: float = 1.0
-    micro_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    num_epochs: float = 1.0
-    max_steps: int = 120                  # 0 = run num_epochs
-    bf16: str | bool = "auto"             # auto: bf16 where the GPU supports it
-    fp16: bool = False                    # fp16 autocast + gradient scaler (GPUs without bf16)
-    tf32: bool = False                    # TF32 matmuls for the fp32 ones (CUDA)
-    gradient_checkpointing: bool = False
+    optimizer: str = option("paged_adamw_32bit", "paged_adamw_32bit (state in CUDA managed memory) or adamw_torch")
+    learning_rate: float = option(1e-3, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    lr_scheduler: str = option("cosine", "cosine (decay to 0 after warm-up) or constant")
+    warmup_steps: int = option(10, "optimizer steps of linear warm-up from 0 (as transformers)")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this")
+    micro_batch_size: int = option(8, "sequences per forward/backward")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    num_epochs: float = option(1.0, "passes over the training rows (when max_steps is 0)")
+    max_steps: int = option(120, "optimizer steps to run; 0: run num_epochs (the default with a --config file)")
+    bf16: str | bool = option("auto", "bf16 compute: true, false or auto (where the GPU supports it)")
+    fp16: bool = option(False, "fp16 compute with loss scaling instead")
+    tf32: bool = option(False, "TF32 for fp32 matmuls on CUDA")
+    gradient_checkpointing: bool = option(False, "recompute each block's activations in backward (less memory)")
     # bookkeeping
-    output_dir: str = "out/demo"
-    logging_steps: int = 10
-    eval_steps: int = 40                  # 0: at the end of each epoch
-    eval_table_size: int = 0              # at each eval, greedy answers for this many val rows
-    early_stopping_patience: int = 0      # stop after this many evals without a better eval_loss (0: never)
-    save_steps: int = 60                  # 0: at the end of each epoch
-    resume_from_checkpoint: str | bool = False  # a checkpoint dir, or True for the latest
-    seed: int = 42
-    device: str = "auto"
-    strict: bool = True                   # see the top: unknown keys an error; CLI keys must be in the file
+    output_dir: str = option("out/demo", "where metrics, checkpoints and the adapter go")
+    logging_steps: int = option(10, "print a line every this many steps")
+    eval_steps: int = option(40, "evaluate on the held-out rows every this many steps; 0: each epoch's end")
+    eval_table_size: int = option(0, "at each eval, greedy answers for this many held-out rows (table + metrics)")
+    early_stopping_patience: int = option(0, "stop after this many evals without a better eval_loss; 0: never")
+    save_steps: int = option(60, "write a checkpoint every this many steps; 0: each epoch's end")
+    resume_from_checkpoint: str | bool = option(False, "a checkpoint-N directory, or true for the latest in output_dir")
+    seed: int = option(42, "seed of the data order, LoRA init, dropout and (demo) the random base")
+    device: str = option("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    strict: bool = option(True, "unknown keys are errors and --key must be a key of the --config file "
+                                "(axolotl's strict); false: warnings, and the command line may add keys")
 
     @property
     def lora_targets(self) -> list[str] | str:
@@ -176,9 +186,9 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         bad("lora_target_linear: true and lora_target_modules both set: choose one")
     if not cfg.lora_target_linear and not cfg.lora_target_modules:
         bad("no LoRA targets: set lora_target_linear: true or list lora_target_modules")
-    unknown = [m for m in cfg.lora_target_modules if m not in LINEAR_MODULES]
+    unknown = [m for m in cfg.lora_target_modules if m not in LINEAR_NAMES]
     if unknown:
-        bad(f"unknown lora_target_modules {unknown}; valid: {list(LINEAR_MODULES)}")
+        bad(f"unknown lora_target_modules {unknown}; valid: {list(LINEAR_NAMES)}")
     if cfg.optimizer not in ("paged_adamw_32bit", "adamw_torch"):
         bad(f"optimizer {cfg.optimizer!r} is not supported: use paged_adamw_32bit or adamw_torch")
     if cfg.lr_scheduler not in ("cosine", "constant"):
@@ -275,10 +285,13 @@ def load_yaml(path: str | Path) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """`--config FILE` plus `--key value` for any TrainConfig field (command line wins)."""
-    parser = argparse.ArgumentParser(description="QLoRA fine-tuning of a Llama model")
+    parser = argparse.ArgumentParser(description="QLoRA fine-tuning of a Llama model. Every key below can "
+                                     "also be set in the --config file; the command line wins.")
     parser.add_argument("--config", help="a YAML file (axolotl-style keys)")
+    defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{f.name}", default=None, help=argparse.SUPPRESS)
+        meaning = f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})"
+        parser.add_argument(f"--{f.name}", default=None, metavar="V", help=meaning.replace("%", "%%"))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     values = load_yaml(args.config) if args.config else {}
     cli = {k: v for k, v in vars(args).items() if k != "config" and v is not None}

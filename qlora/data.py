@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qlora.loss import IGNORE_INDEX
 from qlora.prompts import check_type, field_names, format_row, missing_field
 from qlora.sql_dataset import sql_rows
 
-IGNORE_INDEX = -100
 BUILTIN_SQL = "builtin:sql"
 
 

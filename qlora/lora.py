@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from kernels.common import use_kernel
-from kernels.lora import LORA_GRAD_DTYPES, lora_dropout_grad_
+from kernels.lora_grad import LORA_GRAD_DTYPES, lora_dropout_grad_
 from qlora.linear4bit import Linear4bit
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

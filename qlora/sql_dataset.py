@@ -12,11 +12,11 @@ The same seed gives the same rows; every answer runs on its schema in sqlite3 (t
 
 import argparse
 import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from qlora.atomic import write_text
 
 DEFAULT_ROWS = 3000
 
@@ -251,18 +251,8 @@ def sql_rows(n: int = DEFAULT_ROWS, seed: int = 0) -> list[dict]:
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
-    """Write rows as JSON lines, to a temporary name first and then renamed (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write rows as JSON lines, atomically (qlora/atomic.py: never half-written)."""
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -119,3 +119,14 @@ def test_bad_yaml_and_missing_file(tmp_path):
     listy.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="mapping"):
         load_yaml(listy)
+
+
+def test_help_lists_every_key_with_its_default_and_meaning(capsys):
+    import dataclasses
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())          # argparse wraps long lines
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata["help"] and f"--{f.name} V {' '.join(f.metadata['help'].split())}" in out, f.name
+    assert out.count("(default: ") == len(dataclasses.fields(TrainConfig))

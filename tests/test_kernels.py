@@ -102,36 +102,48 @@ def test_dequantize_triton_equals_reference_bit_for_bit(shape, blocksize, double
 
 # ----------------------------------------------------------------------------- decode GEMV
 
-# 131 x 192 / 64 = 393 absmax blocks: two second-level blocks; blocksize 256 > the interpreter's BLOCK_K.
+def check_gemv(x, packed, state, what):
+    """gemv_nf4 against the float64 product, within the rounding bound of the kernel it runs.
+
+    Up to FMA_ROWS rows the kernel keeps W in fp32 (0 rounded operands: only fp32 accumulation and
+    the output rounding), so it is at least as close as the reference, which rounds W to x's dtype
+    first. With more rows it runs on the tensor cores with W rounded to x's dtype as the reference
+    does: then it is bound against the product of exactly the reference's operands."""
+    w = dequantize_nf4(packed, replace(state, dtype=torch.float32))    # fp32, what the kernel decodes
+    got = gemv_nf4(x, packed, state)
+    assert got.shape == (x.shape[0], state.shape[0]) and got.dtype == x.dtype
+    exact = x.double() @ w.double().T
+    if x.shape[0] <= kernels.gemv.FMA_ROWS:
+        assert_within(got, exact, error_bound(x, w, x.dtype, rounded_operands=0), what)
+        ref = F.linear(x, w.to(x.dtype))
+        assert (got.double() - exact).norm() <= (ref.double() - exact).norm()
+    else:
+        w_ref = w.to(x.dtype).float()                                  # the reference's weight, bit for bit
+        assert_within(got, x.double() @ w_ref.double().T, error_bound(x, w_ref, x.dtype, 0), what)
+        assert_within(got, exact, error_bound(x, w, x.dtype, rounded_operands=1), what)
+
+
+# 131 x 192 / 64 = 393 absmax blocks: two second-level blocks; blocksize 256 = the interpreter's
+# BLOCK_K; 584 x 576 = (73 * 8) x (9 * 64) and 24 x 4544 (Falcon-7B's 71 * 64) leave partial tiles
+# in N and K for every config, as Falcon's 4544 / 4672 / 18176 do.
 @interpreted
-@pytest.mark.parametrize("N, K, blocksize", [(131, 192, 64), (67, 256, 256)])
+@pytest.mark.parametrize("N, K, blocksize", [(131, 192, 64), (67, 256, 256), (584, 576, 64), (24, 4544, 64)])
 @pytest.mark.parametrize("M", [1, 3, 16])
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_gemv_within_fp32_rounding_of_exact_product(N, K, blocksize, M, dtype):
+def test_gemv_within_rounding_of_exact_product(N, K, blocksize, M, dtype):
     packed, state = nf4_weight((N, K), blocksize, seed=N + M)
-    w = dequantize_nf4(packed, state)                                  # fp32, what the kernel multiplies by
-    x = randn(M, K, dtype=dtype, seed=M)
-    exact = x.double() @ w.double().T
-    got = gemv_nf4(x, packed, state)
-    assert got.shape == (M, N) and got.dtype == dtype
-    # The kernel keeps W in fp32 (0 rounded operands): only fp32 accumulation and the output rounding.
-    assert_within(got, exact, error_bound(x, w, dtype, rounded_operands=0), "gemv_nf4")
-    # The reference rounds W to `dtype` before the product, so it cannot be closer overall.
-    ref = F.linear(x, w.to(dtype))
-    assert (got.double() - exact).norm() <= (ref.double() - exact).norm()
+    check_gemv(randn(M, K, dtype=dtype, seed=M), packed, state, f"gemv_nf4 {N}x{K} M={M}")
 
 
 @interpreted
-@pytest.mark.parametrize("config", kernels.gemv.CONFIGS, ids=str)
-def test_gemv_gpu_configs_in_interpreter(config, monkeypatch):
-    # The GPU tiles (BLOCK_K up to 2048, 1-32 absmax groups per tile) differ from the interpreter's;
-    # K = 1536 leaves a partial tile for BLOCK_K 1024 and 2048, N = 13 a partial one for every BLOCK_N.
-    monkeypatch.setattr(kernels.gemv._gemv_kernel, "configs", [config])
-    packed, state = nf4_weight((13, 1536), 64, seed=3)
-    w = dequantize_nf4(packed, state)
-    x = randn(2, 1536, dtype=torch.bfloat16, seed=4)
-    got = gemv_nf4(x, packed, state)
-    assert_within(got, x.double() @ w.double().T, error_bound(x, w, torch.bfloat16, 0), f"gemv_nf4 {config}")
+@pytest.mark.parametrize("kernel, config, M", [("_gemv_fma_kernel", c, 2) for c in kernels.gemv.FMA_CONFIGS]
+                         + [("_gemv_dot_kernel", c, 5) for c in kernels.gemv.DOT_CONFIGS], ids=str)
+def test_gemv_gpu_configs_in_interpreter(kernel, config, M, monkeypatch):
+    # The GPU tiles (BLOCK_K 128-2048, BLOCK_N 2-64) differ from the interpreter's: K = 1344 = 21 * 64
+    # leaves a partial tile for every BLOCK_K, N = 13 a partial one for every BLOCK_N.
+    monkeypatch.setattr(getattr(kernels.gemv, kernel), "configs", [config])
+    packed, state = nf4_weight((13, 1344), 64, seed=3)
+    check_gemv(randn(M, 1344, dtype=torch.bfloat16, seed=4), packed, state, f"{kernel} {config}")
 
 
 # ----------------------------------------------------------------------------- training path

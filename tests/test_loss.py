@@ -38,11 +38,11 @@ def test_no_labelled_position_gives_zero_loss():
 
 
 def test_uneven_gradient_accumulation_equals_one_big_batch_float64():
-    """Token-weighted accumulation (train.accumulate_gradients): micro-batches with 2, 1 and 3 rows of
+    """Token-weighted accumulation (qlora.trainer.accumulate_gradients): micro-batches with 2, 1 and 3 rows of
     different answer lengths give the loss and LoRA gradients of one batch of all 6 rows (float64)."""
     from conftest import float64_lora_llama
-    import train
     from qlora.data import Example, collate
+    from qlora.trainer import accumulate_gradients
 
     model = float64_lora_llama("gqa")
     gen = torch.Generator().manual_seed(0)
@@ -59,7 +59,7 @@ def test_uneven_gradient_accumulation_equals_one_big_batch_float64():
     def grads_after(micro_batches):
         for p in params:
             p.grad = None
-        loss = train.accumulate_gradients(micro_batches, loss_of, lambda l: l.backward())
+        loss = accumulate_gradients(micro_batches, loss_of, lambda l: l.backward())
         return loss, [p.grad.clone() for p in params]
 
     split = [collate(examples[0:2], 0), collate(examples[2:3], 0), collate(examples[3:6], 0)]  # own lengths

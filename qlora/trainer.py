@@ -1,0 +1,93 @@
+"""The training step's setup, shared by train.py and bench/train_step.py (so the benchmark times
+train.py's code): device and compute dtype, optimizer and learning-rate schedule, autocast and
+loss scaling, token-weighted gradient accumulation, the optimizer step, and peak memory.
+"""
+
+import math
+from contextlib import nullcontext
+
+import torch
+
+from qlora.config import TrainConfig
+from qlora.loss import label_count
+from qlora.paged_adamw import PagedAdamW
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: the current GPU (as cuda:N, which every loader accepts) or the CPU; else the named device."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def pick_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The compute dtype: bf16 on GPUs that have it, fp16 if asked, fp32 on the CPU (faster there)."""
+    if device.type != "cuda":
+        return torch.float32
+    if cfg.fp16 or (cfg.bf16 == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    if cfg.bf16 is True and not torch.cuda.is_bf16_supported():
+        raise ValueError("bf16: true but this GPU has no bf16: set fp16: true")
+    return torch.bfloat16 if cfg.bf16 in (True, "auto") else torch.float32
+
+
+def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """transformers' schedules (get_cosine_schedule_with_warmup, what axolotl runs): lr rises
+    linearly from 0 over warmup_steps (step 0 has lr 0), then cosine decay to 0 (or constant)."""
+    if step < cfg.warmup_steps:
+        return step / max(1, cfg.warmup_steps)
+    if cfg.lr_scheduler == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(params: list, cfg: TrainConfig, total_steps: int):
+    """(PagedAdamW over params, its LambdaLR schedule of lr_factor) as the config says."""
+    optimizer = PagedAdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                           paged=cfg.optimizer == "paged_adamw_32bit")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps))
+    return optimizer, scheduler
+
+
+def mixed_precision(device: torch.device, dtype: torch.dtype):
+    """(autocast context, GradScaler): autocast to dtype unless fp32; loss scaling only for fp16."""
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    return autocast, scaler
+
+
+def accumulate_gradients(micro_batches: list[dict], loss_of, backward) -> float:
+    """Backward over one optimizer step's micro-batches, token-weighted -> the step's loss.
+
+    loss_of(batch, num_items) is the batch's token-loss sum / num_items, the label tokens of the
+    whole step (qlora/loss.py), so the accumulated gradient is that of one batch holding every
+    micro-batch's rows (transformers >= 4.46 does the same).
+    """
+    num_items = sum(label_count(b["labels"]) for b in micro_batches)
+    total = 0.0
+    for batch in micro_batches:
+        loss = loss_of(batch, num_items)
+        backward(loss)
+        total += loss.item()
+    return total
+
+
+def optimizer_step(optimizer, scaler, scheduler, params, max_grad_norm: float) -> tuple[float, float]:
+    """Unscale (fp16), clip the grad norm, step, zero the grads, advance the schedule -> (grad norm, lr)."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return grad_norm, lr
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory so far, GiB (0 on the CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
