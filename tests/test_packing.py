@@ -110,3 +110,22 @@ def test_flex_block_mask_gives_the_dense_mask_result():
     # the mask is the block-diagonal causal one: row 1 of sequence 0 starts fresh at token 5
     ref = attend(q[:1, :, 5:25], k[:1, :, 5:25], v[:1, :, 5:25])
     torch.testing.assert_close(dense[:1, :, 5:25], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rope_with_per_row_positions_equals_the_reference(dtype):
+    """The packed path's RoPE kernel call (one row of B*T positions) against llama.model.apply_rope
+    with (B, T, hd) tables; odd T, GQA head counts. Runs the Triton kernel (TRITON_INTERPRET=1 on the CPU)."""
+    from kernels.common import INTERPRET
+    from llama.model import apply_rope, apply_rope_fused, rope_cos_sin
+
+    q = torch.randn(2, 4, 7, 16).to(dtype)
+    if not (q.is_cuda or INTERPRET):
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
+    k = torch.randn(2, 2, 7, 16).to(dtype)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1], [0, 1, 2, 3, 4, 5, 0]])
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    cos, sin = rope_cos_sin(inv_freq, positions, dtype)                        # (B, T, hd)
+    fq, fk = apply_rope_fused(q, k, cos, sin)
+    torch.testing.assert_close(fq, apply_rope(q, cos, sin), rtol=0, atol=0)
+    torch.testing.assert_close(fk, apply_rope(k, cos, sin), rtol=0, atol=0)
