@@ -23,11 +23,13 @@ optimizer steps of 4 micro-batches each, per dataset. Reported per side and data
 
 CPU smoke test (tiny model, ours and ours_packed only):
     python -m bench.seed_job --tiny
-GPU (the lead; from /work/main's root after rsync of this worktree to .gpu-seedjob; carry
-[".gpu-seedjob", ".bnb", ".whl"]; about 6 minutes on an H200):
+GPU (the lead): rsync this worktree to /work/main/.gpu-seedjob and copy the two data files in
+(rsync -a --delete --exclude .git --exclude .venv /work/wt-seedjob/ /work/main/.gpu-seedjob/ &&
+mkdir -p /work/main/.gpu-seedjob/.data && cp /work/shared/data/{llama2-tokenizer.model,spider_dev.jsonl}
+/work/main/.gpu-seedjob/.data/), then run with carry [".gpu-seedjob", ".bnb", ".whl"], about 6 minutes:
     cd .gpu-seedjob && python3 -m pip install -q --no-index --no-deps --no-compile \
       --target /tmp/site-unsloth ../.whl/unsloth/*.whl && PYTHONPATH=$PWD/../.bnb HF_HUB_OFFLINE=1 \
-      UNSLOTH_DISABLE_STATISTICS=1 python -m bench.seed_job --unsloth_path /tmp/site-unsloth \
+      UNSLOTH_DISABLE_STATISTICS=1 python -m bench.seed_job --data .data --unsloth_path /tmp/site-unsloth \
       --json $OUT/seed_job.json
 """
 
@@ -49,9 +51,7 @@ from bench.common import (CHECKPOINT_7B, CHECKPOINT_TINY, REPO, load_ours, load_
                           run_side_subprocess, size, versions)
 from qlora.trainer import pick_device
 
-SHARED_DATA = REPO.parent / "shared" / "data"
-TOKENIZER = SHARED_DATA / "llama2-tokenizer.model"
-SPIDER = SHARED_DATA / "spider_dev.jsonl"
+SHARED_DATA = REPO.parent / "shared" / "data"     # beside the repository, as tests/conftest.py finds it
 SIDES = ("hf", "ours", "ours_packed", "unsloth", "unsloth_packed")
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GOALS = {"builtin": 20.0, "spider": 4.0}   # (c) over (a), useful tokens/s
@@ -69,6 +69,7 @@ class Settings:
     rows: int = 0                    # 0: every row of each dataset; else the first N (the smoke test)
     epoch_rows: int = 0              # 0: an epoch is the dataset itself
     seed: int = 0
+    data: str = str(SHARED_DATA)     # holds llama2-tokenizer.model and spider_dev.jsonl
 
 
 TINY = dict(checkpoint=CHECKPOINT_TINY, sequence_len=512, rows=120, warmup=1, steps=1)
@@ -82,13 +83,16 @@ def datasets(s: Settings, vocab_size: int) -> dict:
     from qlora.data import load_rows, tokenize_rows
     from qlora.sql_dataset import sql_rows
 
-    if not TOKENIZER.is_file():
-        raise FileNotFoundError(f"{TOKENIZER} not found: the row lengths need the Llama 2 tokenizer "
-                                "(../shared/data beside the repository)")
-    tokenizer = Tokenizer(TOKENIZER)
+    tokenizer_path, spider = Path(s.data) / "llama2-tokenizer.model", Path(s.data) / "spider_dev.jsonl"
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(f"{tokenizer_path} not found: the row lengths need the Llama 2 tokenizer "
+                                "(pass --data DIR holding llama2-tokenizer.model and spider_dev.jsonl)")
+    tokenizer = Tokenizer(tokenizer_path)
     sources = {"builtin": sql_rows(3000, seed=0)}
-    if SPIDER.is_file():
-        sources["spider"] = load_rows(str(SPIDER))
+    if spider.is_file():
+        sources["spider"] = load_rows(str(spider))
+    else:
+        print(f"note: {spider} not found: the Spider rows are left out", flush=True)
     out = {}
     for name, rows in sources.items():
         rows = rows[:s.rows or None]
@@ -184,7 +188,7 @@ def build_unsloth(s: Settings, device, packed: bool):
     directory = Path(s.checkpoint)
     if not (directory / "tokenizer_config.json").is_file():   # Unsloth loads a tokenizer with the model
         from transformers import LlamaTokenizer
-        LlamaTokenizer(vocab_file=str(TOKENIZER)).save_pretrained(directory)
+        LlamaTokenizer(vocab_file=str(Path(s.data) / "llama2-tokenizer.model")).save_pretrained(directory)
     model, _ = FastLanguageModel.from_pretrained(model_name=str(directory), load_in_4bit=True, dtype=torch.float16,
                                                  max_seq_length=s.sequence_len, local_files_only=True)
     model = FastLanguageModel.get_peft_model(model, r=32, lora_alpha=16, lora_dropout=0.05, target_modules=LINEAR,
@@ -318,6 +322,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, help="untimed optimizer steps per dataset")
     parser.add_argument("--format", help="dataset type the rows are tokenized in (default context_qa)")
     parser.add_argument("--epoch_rows", type=int, help="project an epoch of this many rows")
+    parser.add_argument("--data", help=f"folder with llama2-tokenizer.model and spider_dev.jsonl (default {SHARED_DATA})")
     parser.add_argument("--unsloth_path", help="where Unsloth was pip-installed with --target (its sides only)")
     parser.add_argument("--json", help="write the results here (default out/bench/seed_job.json)")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)      # a child process
@@ -331,7 +336,7 @@ def main(argv=None) -> int:
         return 0
 
     s = Settings(**(TINY if args.tiny else {}))
-    for key in ("steps", "warmup", "format", "epoch_rows"):
+    for key in ("steps", "warmup", "format", "epoch_rows", "data"):
         if getattr(args, key) is not None:
             s = replace(s, **{key: getattr(args, key)})
     prepare_checkpoint(s.checkpoint, args.tiny)
