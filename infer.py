@@ -1,4 +1,4 @@
-"""Generate with a (4-bit) Llama plus a LoRA adapter; merge and export; score generated SQL.
+"""Generate with a (4-bit) Llama or Falcon plus a LoRA adapter; merge and export; score generated SQL.
 
     python infer.py --adapter out/demo/adapter --context "CREATE TABLE head (age INTEGER)" \\
                     --question "How many heads are older than 56?"          # streamed answer
@@ -6,12 +6,15 @@
     python infer.py --adapter out/demo/adapter --export merged/             # merged bf16 HF checkpoint
     python infer.py --adapter out/demo/adapter --export merged4/ --4bit     # merged, NF4 (bitsandbytes format)
     python infer.py --base meta-llama/Llama-2-7b-hf --prompt "Hello"             # no adapter
+    python infer.py --adapter out/tiny-falcon/adapter \
+                    --instruction "How do I figure out how much money I need to retire?"   # alpaca format
 
-The base defaults to the adapter's base_model_name_or_path. train.py leaves training_config.json
-and tokenizer.model beside the adapter's PEFT files: the prompt format (the dataset type it was
-trained on: context_qa, context_qa.load_v2, alpaca, ...; qlora/prompts.py), the tokenizer and, for
-the demo, the seed of the random base come from there; the format used is printed. A PEFT adapter without
-them works too; then pass --tokenizer if the base has no tokenizer.model.
+The base defaults to the adapter's base_model_name_or_path; its config.json's model_type picks the
+architecture. train.py leaves training_config.json and the tokenizer (tokenizer.model, or Falcon's
+tokenizer.json + tokenizer_config.json) beside the adapter's PEFT files: the prompt format (the
+dataset type it was trained on: context_qa, context_qa.load_v2, alpaca, ...; qlora/prompts.py), the
+tokenizer and, for the demo, the seed of the random base come from there; the format used is
+printed. A PEFT adapter without them works too; then pass --tokenizer if the base has no tokenizer.
 """
 
 import argparse
@@ -21,11 +24,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
+from falcon.load import load_base
 from llama.generate import TextStream, generate
-from llama.load import config_path, is_random_base, load_base, model_dir
-from llama.model import Llama
-from llama.tokenizer import Tokenizer
+from llama.load import config_path, is_random_base, model_dir
+from llama.tokenizer import TOKENIZER_FILES, load_tokenizer
 from qlora.config import TrainConfig
 from qlora.data import check_rows, load_rows
 from qlora.adapter import load_adapter, merged_state_dict, read_adapter_config, save_merged
@@ -34,7 +38,6 @@ from qlora.sql_eval import score
 from qlora.trainer import pick_device
 
 TRAINING_CONFIG = "training_config.json"
-TOKENIZER = "tokenizer.model"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base", help="base model: checkpoint dir, hub id or (demo) config.json; "
                                   "default: the adapter's base_model_name_or_path")
     p.add_argument("--adapter", help="adapter directory (ours or PEFT's: the same files)")
-    p.add_argument("--tokenizer", help="tokenizer.model; default: beside the adapter, else the base's")
+    p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json; default: beside the adapter, else the base's")
     p.add_argument("--bf16", action="store_true",
                    help="load the base unquantized (bf16 on a GPU, fp32 on the CPU) instead of NF4")
     p.add_argument("--merge", action="store_true",
@@ -95,24 +98,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def find_tokenizer(args, base: str) -> Tokenizer:
-    candidates = [Path(args.tokenizer)] if args.tokenizer else []
-    if not args.tokenizer and args.adapter:
-        candidates.append(Path(args.adapter) / TOKENIZER)
-    if not args.tokenizer and not is_random_base(base):
-        candidates.append(model_dir(base) / TOKENIZER)
-    for path in candidates:
-        if path.is_file():
-            return Tokenizer(path)
-    raise FileNotFoundError(f"no tokenizer.model at {[str(c) for c in candidates]}: pass --tokenizer PATH")
+def find_tokenizer(args, base: str):
+    """--tokenizer, else the one train.py left beside the adapter, else the base checkpoint's."""
+    if args.tokenizer:
+        if not Path(args.tokenizer).exists():
+            raise FileNotFoundError(f"no {' or '.join(TOKENIZER_FILES)} at {args.tokenizer}: pass --tokenizer PATH")
+        return load_tokenizer(args.tokenizer)
+    candidates = [Path(args.adapter)] if args.adapter else []
+    if not is_random_base(base):
+        candidates.append(model_dir(base))
+    for directory in candidates:
+        if any((directory / name).is_file() for name in TOKENIZER_FILES):
+            return load_tokenizer(directory)
+    raise FileNotFoundError(f"no {' or '.join(TOKENIZER_FILES)} in {[str(c) for c in candidates]}: "
+                            "pass --tokenizer PATH")
 
 
-def merged_model(model: Llama) -> Llama:
-    """A plain Llama whose linear weights are dequant(W) + s * B A (QLoRA eq. 5 folded in), dense."""
-    weight = model.model.embed_tokens.weight
+def merged_model(model: nn.Module) -> nn.Module:
+    """The same architecture with dense linear weights dequant(W) + s * B A (QLoRA eq. 5 folded in)."""
+    weight = model.lm_head.weight
     with torch.device("meta"):
-        merged = Llama(model.config)
+        merged = type(model)(model.config)
+    # The embedding's name if lm_head is tied to it: assign=True gives each key its own parameter.
+    tied = next((n for n, p in merged.named_parameters() if p is merged.lm_head.weight and n != "lm_head.weight"), None)
     merged.load_state_dict(merged_state_dict(model, weight.dtype, weight.device), assign=True)
+    if tied:
+        merged.lm_head.weight = merged.get_parameter(tied)
     merged.inv_freq = model.inv_freq                       # not in the state dict
     return merged.eval()
 
@@ -211,7 +222,7 @@ def run(argv=None) -> int:
         config = json.loads(config_path(base).read_text())
         # One atomic write (a temp dir, then renamed) of the weights and the tokenizer: a whole checkpoint or none.
         out = save_merged(model, config, args.export, load_in_4bit=args.export_4bit,
-                          extra_files={TOKENIZER: tokenizer.sp.serialized_model_proto()})
+                          extra_files=tokenizer.files())
         print(f"merged model written to {out}", file=sys.stderr)
     if args.merge:
         model = merged_model(model)

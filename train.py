@@ -1,8 +1,12 @@
-"""QLoRA fine-tuning of a Llama model, top to bottom: parse, load, loop, save.
+"""QLoRA fine-tuning of a Llama or Falcon model, top to bottom: parse, load, loop, save.
 
     python train.py                                     # demo: a small random Llama, built-in SQL data
+    python train.py --config configs/tiny-falcon.yml    # demo: a small random Falcon, built-in finance data
     python train.py --config configs/sql.yml            # the seed's job, its axolotl YAML unchanged
                                                         # (Llama-2-7B, know_sql)
+    python train.py --config configs/falcon-7b-finance.yml  # the second (Falcon-7B, finance-alpaca)
+
+The architecture comes from the base model's config.json ("model_type": llama or falcon).
 
 Any config key can be given on the command line too (`--learning_rate 1e-4`; with a YAML file that
 says strict: true, only keys the file has). The demo's model is randomly initialised: it shows that
@@ -20,16 +24,18 @@ from pathlib import Path
 
 import torch
 
+from falcon.load import load_base, model_class
+from falcon.model import Falcon
 from llama.generate import generate
-from llama.load import config_path, is_random_base, load_base, model_dir
-from llama.tokenizer import Tokenizer, train_tokenizer
+from llama.load import config_path, is_random_base, model_dir, read_json
+from llama.tokenizer import load_tokenizer, train_bpe_tokenizer, train_tokenizer
 from qlora.adapter import load_adapter, save_adapter
 from qlora.atomic import write_file, write_text
 from qlora.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from qlora.config import TrainConfig, parse_args
 from qlora.data import (Batches, batches_in_order, fingerprint, load_rows, pad_id_of, prepare_data,
                         prepare_data_cached)
-from qlora.lora import apply_lora, lora_layers, trainable_summary
+from qlora.lora import apply_lora, check_target_names, lora_layers, trainable_summary
 from qlora.loss import causal_lm_loss, label_count
 from qlora.prompts import QA_TYPES, format_row, strip_response_prefix
 from qlora.sql_eval import exact_match, runs_on_schema
@@ -37,16 +43,13 @@ from qlora.trainer import (accumulate_gradients, make_optimizer, memory_gib, mix
                            pick_device, pick_dtype)
 
 
-def check_special_tokens(special: dict, tokenizer: Tokenizer) -> None:
+def check_special_tokens(special: dict, tokenizer) -> None:
     """special_tokens must be the tokenizer's own (adding tokens, which axolotl can, is not supported)."""
-    own = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "unk_token": tokenizer.sp.unk_id(),
-           "pad_token": tokenizer.pad_id}
-    for key, piece in special.items():
-        have = own[key]
-        if have is None or have < 0 or tokenizer.sp.id_to_piece(have) != piece:
-            name = tokenizer.sp.id_to_piece(have) if have is not None and have >= 0 else "none"
-            raise ValueError(f"special_tokens {key}: {piece!r} is not this tokenizer's ({name!r}); adding "
-                             "tokens is not supported: remove the key or use the matching tokenizer")
+    own = tokenizer.special_tokens()
+    for key, token in special.items():
+        if own[key] != token:
+            raise ValueError(f"special_tokens {key}: {token!r} is not this tokenizer's ({own[key] or 'none'!r}); "
+                             "adding tokens is not supported: remove the key or use the matching tokenizer")
 
 
 def due(step: int, every: int, steps_per_epoch: int, total_steps: int) -> bool:
@@ -84,31 +87,41 @@ def main(argv=None) -> int:
     if cfg.fp16 and device.type != "cuda":
         print("note: fp16: true has no effect on the CPU, which computes in fp32")
 
+    # ---- the architecture (config.json's model_type), checked against the LoRA targets before loading
+    hf_config = read_json(config_path(cfg.base_model))
+    architecture = model_class(hf_config)
+    check_target_names(cfg.lora_targets, architecture.LINEAR_NAMES)
+
     # ---- tokenizer and data
     if cfg.tokenizer:
-        tokenizer_path = Path(cfg.tokenizer)
+        tokenizer = load_tokenizer(cfg.tokenizer)
     elif is_random_base(cfg.base_model):  # the demo model has no tokenizer: train one on the dataset (once, kept in output_dir)
-        tokenizer_path = out / "tokenizer.model"
-        if not tokenizer_path.is_file():
-            texts = []
-            for spec in cfg.datasets:
-                rows = load_rows(spec["path"], spec.get("data_files"), spec.get("train_on_split"))
-                texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in rows]
-            vocab = json.loads(config_path(cfg.base_model).read_text())["vocab_size"]
-            train_tokenizer(texts, vocab, tokenizer_path)
+        texts = []
+        for spec in cfg.datasets:
+            rows = load_rows(spec["path"], spec.get("data_files"), spec.get("train_on_split"))
+            texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in rows]
+        if architecture is Falcon:        # Falcon's kind: a byte-level BPE tokenizer.json
+            if not (out / "tokenizer.json").is_file():
+                train_bpe_tokenizer(texts, hf_config["vocab_size"], out)
+            tokenizer = load_tokenizer(out / "tokenizer.json")
+        else:                             # Llama's: sentencepiece
+            if not (out / "tokenizer.model").is_file():
+                train_tokenizer(texts, hf_config["vocab_size"], out / "tokenizer.model")
+            tokenizer = load_tokenizer(out / "tokenizer.model")
     else:
-        tokenizer_path = model_dir(cfg.base_model) / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise FileNotFoundError(f"tokenizer {tokenizer_path} not found: pass --tokenizer PATH/tokenizer.model")
-    tokenizer = Tokenizer(tokenizer_path)
+        tokenizer = load_tokenizer(model_dir(cfg.base_model))
+    if tokenizer.vocab_size > hf_config["vocab_size"]:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {hf_config['vocab_size']}: "
+                         "pass the --tokenizer that belongs to the base model")
     check_special_tokens(cfg.special_tokens, tokenizer)
     # Saved beside every adapter (PEFT ignores them): what infer.py needs to rebuild the prompt
     # format, the tokenizer and (for the demo) the random base.
-    adapter_extras = {"training_config.json": json.dumps(vars(cfg), indent=2).encode(),
-                      "tokenizer.model": tokenizer_path.read_bytes()}
-    key = fingerprint(cfg.datasets, tokenizer=tokenizer_path.read_bytes(), sequence_len=cfg.sequence_len,
-                      val_set_size=cfg.val_set_size, seed=cfg.seed, train_on_inputs=cfg.train_on_inputs,
-                      sample_packing=cfg.sample_packing) if cfg.dataset_prepared_path else ""
+    tokenizer_files = tokenizer.files()
+    adapter_extras = {"training_config.json": json.dumps(vars(cfg), indent=2).encode(), **tokenizer_files}
+    key = fingerprint(cfg.datasets, tokenizer=b"".join(tokenizer_files[k] for k in sorted(tokenizer_files)),
+                      sequence_len=cfg.sequence_len, val_set_size=cfg.val_set_size, seed=cfg.seed,
+                      train_on_inputs=cfg.train_on_inputs, sample_packing=cfg.sample_packing) \
+        if cfg.dataset_prepared_path else ""
     data, origin = prepare_data_cached(cfg.dataset_prepared_path, key, lambda: prepare_data(
         cfg.datasets, tokenizer, cfg.sequence_len, cfg.val_set_size, cfg.seed, cfg.train_on_inputs,
         cfg.sample_packing))

@@ -12,13 +12,16 @@ by memory bandwidth and, in eager PyTorch, by the CPU launching a few hundred sm
 graph and replayed: one launch per step. The graph replays the very kernels the eager step runs, on
 the same buffers, so it computes the same numbers (gpt-fast does the same through torch.compile's
 "reduce-overhead" mode; a hand-made graph needs no compiler).
+
+The model is any of this project's causal LMs (llama.model.Llama, falcon.model.Falcon): what is used
+is forward(ids, start_pos), setup_cache / clear_cache, lm_head and config.vocab_size.
 """
 
 from typing import Callable
 
 import torch
 
-from llama.model import Llama
+import torch.nn as nn
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> torch.Tensor:
@@ -42,8 +45,8 @@ class DecodeStep:
     write position 0 of the cache, which the prefill then overwrites.
     """
 
-    def __init__(self, model: Llama, batch_size: int, cuda_graph: bool = False):
-        device = model.model.embed_tokens.weight.device
+    def __init__(self, model: nn.Module, batch_size: int, cuda_graph: bool = False):
+        device = model.lm_head.weight.device
         self.model = model
         # The step's inputs live in fixed buffers: a graph reads them from the addresses it captured.
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
@@ -78,7 +81,7 @@ class DecodeStep:
 
 
 @torch.no_grad()
-def generate(model: Llama, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+def generate(model: nn.Module, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: int | list[int] | None = None, generator=None,
              on_token: Callable[[torch.Tensor], None] | None = None, cuda_graph: bool = False) -> list[list[int]]:
     """Continue each prompt by up to max_new_tokens tokens; returns the new tokens of each row.
@@ -99,7 +102,7 @@ def generate(model: Llama, prompt_ids: list[list[int]], max_new_tokens: int, tem
     if max_new_tokens == 0:
         return [[] for _ in prompt_ids]
     stop = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
-    device = model.model.embed_tokens.weight.device
+    device = model.lm_head.weight.device
     eos = torch.tensor(stop, dtype=torch.long, device=device)
 
     B = len(prompt_ids)

@@ -1,5 +1,6 @@
 """Load a Hugging Face Llama checkpoint (safetensors) into llama.model.Llama, optionally in NF4; or
-build the demo's randomly initialised Llama from a config.json.
+build the demo's randomly initialised Llama from a config.json. load_weights does the loading for
+any architecture of this project (falcon/load.py uses it for Falcon).
 
 Streaming, so that a 7B model quantizes on a GPU with little more memory than its 4-bit size:
 the model is built on the meta device (no memory), then each tensor is read from the memory-
@@ -24,7 +25,6 @@ from safetensors import safe_open
 from llama.model import Llama, LlamaConfig, rope_inv_freq
 from qlora import bnb_format
 from qlora.linear4bit import QUANT_CHUNK_NUMEL, Linear4bit
-from qlora.lora import LINEAR_NAMES
 from qlora.nf4 import BLOCKSIZES, FLOAT_DTYPES
 
 HUB_FILES = ["*.safetensors", "*.json", "tokenizer.model"]
@@ -38,40 +38,56 @@ def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat1
     quantization) with compute dtype `dtype`; everything else is stored in `dtype`. A checkpoint
     stored in 4-bit keeps its own bytes (and is dequantized to `dtype` if load_in_4bit is False).
     """
+    directory = model_dir(path_or_repo_id)
+    return load_weights(Llama, LlamaConfig.from_hf, directory, device, dtype, load_in_4bit, blocksize, double_quant)
+
+
+def load_weights(model_class, read_config, directory: Path, device="cpu", dtype: torch.dtype = torch.bfloat16,
+                 load_in_4bit: bool = False, blocksize: int = 64, double_quant: bool = True) -> nn.Module:
+    """model_class(read_config(config.json)) with the tensors of the safetensors files in `directory`.
+
+    Any model of this project whose state_dict keys are the checkpoint's and whose class names its
+    block's linear layers in LINEAR_NAMES (llama.model.Llama, falcon.model.Falcon): those are
+    quantized when load_in_4bit (a bias read beside them kept); an lm_head tied to the embedding is
+    not read from the file but tied again.
+    """
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported: use torch.bfloat16, torch.float16 or torch.float32")
     if load_in_4bit and blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize {blocksize} is not supported: use one of {BLOCKSIZES}")
-    directory = model_dir(path_or_repo_id)
-    hf_config = _read_json(directory / "config.json")
+    hf_config = read_json(directory / "config.json")
     prequantized = bnb_format.is_prequantized(hf_config)
     if "quantization_config" in hf_config and not prequantized:
         method = hf_config["quantization_config"].get("quant_method")
         raise ValueError(f"{directory} is quantized with {method!r}: only dense checkpoints and bitsandbytes "
                          f"4-bit ones load here; use the model's dense checkpoint")
-    config = LlamaConfig.from_hf({k: v for k, v in hf_config.items() if k != "quantization_config"})
+    config = read_config({k: v for k, v in hf_config.items() if k != "quantization_config"})
     files = safetensors_files(directory)
     device = torch.device(device)
     handles = {file: safe_open(file, framework="pt", device="cpu") for file in files} if prequantized else {}
     stored = {name: file for file, f in handles.items() for name in f.keys()}   # a weight's state may sit
                                                                                  # in another shard
 
+    kind = model_class.__name__
     with torch.device("meta"):
-        model = Llama(config)                              # shapes only, no memory
+        model = model_class(config)                        # shapes only, no memory
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied lm_head counted once
+    # The embedding's name when lm_head is tied to it (model.embed_tokens / transformer.word_embeddings).
+    tied = next((name for name, p in model.named_parameters() if p is model.lm_head.weight), None)
+    tied = None if tied == "lm_head.weight" else tied
     loaded = set()
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name.endswith("rotary_emb.inv_freq"):   # a buffer old transformers versions saved
                     continue
-                if name == "lm_head.weight" and config.tie_word_embeddings:
+                if name == "lm_head.weight" and tied:
                     continue                               # tied: the head is the embedding
                 if prequantized and bnb_format.is_quant_key(name):
                     continue                               # read with its weight below
                 if name not in expected:
                     raise ValueError(f"unexpected tensor {name!r} in {file.name}: the checkpoint does not "
-                                     f"match a Llama with this config.json")
+                                     f"match a {kind} with this config.json")
                 module_name, _, attr = name.rpartition(".")
                 parent_name, _, child = module_name.rpartition(".")
                 layer = None
@@ -86,15 +102,17 @@ def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat1
                     raise ValueError(f"tensor {name!r} in {file.name} has shape {shape} but config.json implies "
                                      f"{expected[name]}: the weights and config.json do not belong together")
                 if layer is not None and load_in_4bit:     # stored in 4-bit: kept as stored
+                    _keep_bias(model.get_submodule(module_name), layer)
                     setattr(model.get_submodule(parent_name), child, layer)
                 elif layer is not None:                    # stored in 4-bit, asked for dense weights
                     weight = nn.Parameter(layer.dequantize(dtype), requires_grad=False)
                     setattr(model.get_submodule(module_name), attr, weight)
-                elif load_in_4bit and child in LINEAR_NAMES:
+                elif load_in_4bit and child in model_class.LINEAR_NAMES and attr == "weight":
                     try:
                         layer = quantize_weight(f.get_tensor(name), device, dtype, blocksize, double_quant)
                     except ValueError as e:
                         raise ValueError(f"cannot quantize {name!r}: {e}") from e
+                    _keep_bias(model.get_submodule(module_name), layer)
                     setattr(model.get_submodule(parent_name), child, layer)
                 else:
                     tensor = f.get_tensor(name).to(device=device, dtype=dtype)
@@ -105,24 +123,24 @@ def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat1
     if missing:
         raise ValueError(f"{len(missing)} tensor(s) missing from the checkpoint in {directory}, e.g. {missing[0]!r}: "
                          f"the files are incomplete or belong to another config.json")
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    if tied:
+        model.lm_head.weight = model.get_parameter(tied)
     model.inv_freq = rope_inv_freq(config, device)         # the one buffer not in the checkpoint
     return model
+
+
+def _keep_bias(linear: nn.Module, layer: Linear4bit) -> None:
+    """Move a bias already read into the meta nn.Linear over to the Linear4bit replacing it (a bias
+    read later is set on the Linear4bit directly)."""
+    bias = getattr(linear, "bias", None)
+    if bias is not None and not bias.is_meta:
+        layer.bias = bias
 
 
 def is_random_base(base_model) -> bool:
     """Whether base_model names a config.json (the demo: a random Llama built from it) rather than a
     checkpoint directory or a hub id. The one place that tells the two apart."""
     return str(base_model).endswith(".json")
-
-
-def load_base(base_model, device, dtype: torch.dtype, load_in_4bit: bool, seed: int) -> Llama:
-    """The frozen base model: a checkpoint through load_llama, or for a config.json the demo's random
-    Llama drawn with `seed` (random_llama)."""
-    if is_random_base(base_model):
-        return random_llama(base_model, device, dtype, load_in_4bit, seed)
-    return load_llama(base_model, device, dtype, load_in_4bit)
 
 
 def config_path(base_model) -> Path:
@@ -162,12 +180,17 @@ def random_llama(config_path: str | Path, device, dtype: torch.dtype, load_in_4b
                 std = config.hidden_size ** -0.5 if name == "lm_head.weight" else 0.02
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
     model = model.to(device=device, dtype=dtype).requires_grad_(False)
-    if load_in_4bit:
-        for layer in model.model.layers:
-            for holder in (layer.self_attn, layer.mlp):
-                for name in LINEAR_NAMES:
-                    if isinstance(getattr(holder, name, None), nn.Linear):
-                        setattr(holder, name, quantize_weight(getattr(holder, name).weight, device, dtype))
+    return quantize_linears(model, dtype) if load_in_4bit else model
+
+
+def quantize_linears(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Replace every nn.Linear named in model.LINEAR_NAMES by its Linear4bit (bias kept), in place."""
+    for name, module in list(model.named_modules()):
+        parent, _, child = name.rpartition(".")
+        if child in model.LINEAR_NAMES and isinstance(module, nn.Linear):
+            layer = quantize_weight(module.weight, module.weight.device, dtype)
+            layer.bias = module.bias
+            setattr(model.get_submodule(parent), child, layer)
     return model
 
 
@@ -196,7 +219,7 @@ def safetensors_files(directory: Path) -> list[Path]:
     """The checkpoint's safetensors files: the shards named by the index, or model.safetensors."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
         for shard in shards:
             if not (directory / shard).is_file():
                 raise FileNotFoundError(f"shard {shard} named in {index.name} is missing from {directory}: "
@@ -212,7 +235,7 @@ def safetensors_files(directory: Path) -> list[Path]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} is missing from {path.parent}: a Hugging Face checkpoint needs it")
     try:

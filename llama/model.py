@@ -222,6 +222,38 @@ class KVCache(nn.Module):
         return self.k[:B], self.v[:B]
 
 
+def cache_inputs(input_ids: torch.Tensor, start_pos: int | torch.Tensor | None, cache: "KVCache | None",
+                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None):
+    """positions (T,) of the tokens, and for a cached forward the positions to write and the mask.
+
+    start_pos=None: no cache, positions 0..T-1, (positions, None, None): causal attention. An int
+    (or a 0-d int64 tensor, which a CUDA graph can update in place): the tokens sit at
+    start_pos..start_pos+T-1 and attend to every earlier cached position, (positions, positions,
+    mask (T, max_len)). A tensor start_pos is not range-checked (that would read it back to the host).
+    position_ids and segment_ids (B, T), both or neither, no cache: packed rows, (position_ids, None,
+    their block-diagonal causal mask from qlora.attention.document_mask).
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    if (position_ids is None) != (segment_ids is None) or (segment_ids is not None and start_pos is not None):
+        raise ValueError("packed rows need position_ids and segment_ids together, and no start_pos")
+    if segment_ids is not None:
+        return position_ids, None, document_mask(segment_ids)                    # (B, T), per-row mask
+    B, T = input_ids.shape
+    positions = torch.arange(T, device=input_ids.device) + (0 if start_pos is None else start_pos)  # (T,)
+    if start_pos is None:
+        return positions, None, None
+    if cache is None:
+        raise ValueError("start_pos given but there is no KV cache: call model.setup_cache(...) first")
+    batch, max_len = cache.k.shape[0], cache.k.shape[2]
+    if isinstance(start_pos, int) and (B > batch or start_pos + T > max_len):
+        raise ValueError(f"batch {B} x positions {start_pos}..{start_pos + T - 1} do not fit the cache "
+                         f"{batch} x {max_len}: call setup_cache with larger sizes")
+    # Query at position p sees cached positions 0..p: causal over the whole static cache.
+    mask = positions[:, None] >= torch.arange(max_len, device=input_ids.device)[None, :]  # (T, max_len)
+    return positions, positions, mask
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -289,6 +321,9 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------- the model
 
 class Llama(nn.Module):
+    # The block's linear layers by module name: what quantization and LoRA ("all-linear") act on.
+    LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
@@ -318,26 +353,8 @@ class Llama(nn.Module):
         A tensor start_pos is not range-checked (that would read it back to the host).
         position_ids and segment_ids (B, T), both or neither, no cache: packed rows (see the top).
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        positions = torch.arange(T, device=input_ids.device) + (0 if start_pos is None else start_pos)  # (T,)
-        cache_positions, mask = None, None                 # None: no cache, causal attention
-        if (position_ids is None) != (segment_ids is None) or (segment_ids is not None and start_pos is not None):
-            raise ValueError("packed rows need position_ids and segment_ids together, and no start_pos")
-        if segment_ids is not None:
-            positions, mask = position_ids, document_mask(segment_ids)            # (B, T), per-row mask
-        if start_pos is not None:
-            cache = self.model.layers[0].self_attn.kv_cache
-            if cache is None:
-                raise ValueError("start_pos given but there is no KV cache: call model.setup_cache(...) first")
-            batch, max_len = cache.k.shape[0], cache.k.shape[2]
-            if isinstance(start_pos, int) and (B > batch or start_pos + T > max_len):
-                raise ValueError(f"batch {B} x positions {start_pos}..{start_pos + T - 1} do not fit the cache "
-                                 f"{batch} x {max_len}: call setup_cache with larger sizes")
-            # Query at position p sees cached positions 0..p: causal over the whole static cache.
-            mask = positions[:, None] >= torch.arange(max_len, device=input_ids.device)[None, :]  # (T, max_len)
-            cache_positions = positions
+        positions, cache_positions, mask = cache_inputs(input_ids, start_pos, self.model.layers[0].self_attn.kv_cache,
+                                                        position_ids, segment_ids)
         x = self.model.embed_tokens(input_ids)                                         # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)                     # (T, hd) or (B, T, hd)
         use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled() and start_pos is None

@@ -27,8 +27,6 @@ from pathlib import Path
 
 import yaml
 
-from qlora.lora import LINEAR_NAMES
-
 DEFAULT_MODEL = "configs/tiny-llama.json"  # a small randomly initialised Llama, for the demo
 
 
@@ -42,8 +40,10 @@ def option(default, help: str):
 @dataclass
 class TrainConfig:
     # model
-    base_model: str = option(DEFAULT_MODEL, "HF checkpoint dir or hub id; or a config.json: a random Llama (the demo)")
-    tokenizer: str = option("", "tokenizer.model path; empty: the base model's own, or (demo) one trained on the data")
+    base_model: str = option(DEFAULT_MODEL, "HF checkpoint dir or hub id (Llama or Falcon, by its config.json's "
+                                            "model_type); or a config.json: a random model (the demo)")
+    tokenizer: str = option("", "tokenizer.model or tokenizer.json path; empty: the base model's own, or (demo) "
+                                "one trained on the data")
     load_in_4bit: bool = option(True, "store the frozen base in NF4 with double quantization (QLoRA)")
     adapter: str = option("qlora", "qlora (4-bit base) or lora (bf16/fp32 base)")
     # data
@@ -63,7 +63,8 @@ class TrainConfig:
     lora_alpha: float = option(32, "LoRA alpha: the update is scaled by alpha / r")
     lora_dropout: float = option(0.05, "dropout on the adapter's input")
     lora_target_linear: bool = option(True, "adapt all linear layers but lm_head")
-    lora_target_modules: list = option([], "or adapt these (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+    lora_target_modules: list = option([], "or adapt these (Llama: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                                           "down_proj; Falcon: query_key_value, dense, dense_h_to_4h, dense_4h_to_h)")
     lora_model_dir: str = option("", "an adapter to continue training (its r, alpha and targets); empty: a new one")
     # optimisation
     optimizer: str = option("paged_adamw_32bit", "paged_adamw_32bit (state in CUDA managed memory) or adamw_torch")
@@ -71,6 +72,7 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay")
     lr_scheduler: str = option("cosine", "cosine (decay to 0 after warm-up) or constant")
     warmup_steps: int = option(10, "optimizer steps of linear warm-up from 0 (as transformers)")
+    warmup_ratio: float = option(0.0, "if > 0: warm up over this fraction of the steps instead (rounded up)")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this")
     micro_batch_size: int = option(8, "sequences per forward/backward")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
@@ -102,7 +104,7 @@ class TrainConfig:
 ALIASES = {"lr": "learning_rate", "epochs": "num_epochs"}
 # Defaults of a run from a YAML file where axolotl's differ from the demo's.
 FILE_DEFAULTS = {"max_steps": 0, "eval_steps": 0, "save_steps": 0, "val_set_size": 0.0}
-_SAME_ARCH = "the architecture and tokenizer come from the checkpoint (config.json, tokenizer.model)"
+_SAME_ARCH = "the architecture and tokenizer come from the checkpoint (config.json, tokenizer.model or tokenizer.json)"
 _NO_WANDB = "no Weights & Biases logging here: metrics go to output_dir/metrics.jsonl"
 # axolotl keys that change nothing here, and why (named in one warning when a file sets them).
 AXOLOTL_IGNORED = {
@@ -119,7 +121,7 @@ AXOLOTL_IGNORED = {
 # axolotl keys whose given value this trainer cannot honour: (the values that are fine, the fix).
 AXOLOTL_REFUSED = {
     "load_in_8bit": ((False,), "8-bit loading is not supported: use load_in_4bit (QLoRA) or adapter: lora"),
-    "lora_fan_in_fan_out": ((False,), "Llama's linear weights are (out, in): leave lora_fan_in_fan_out empty"),
+    "lora_fan_in_fan_out": ((False,), "the linear weights are (out, in): leave lora_fan_in_fan_out empty"),
     "deepspeed": ((), "DeepSpeed is not supported (one GPU): remove deepspeed"),
     "fsdp": ((), "FSDP is not supported (one GPU): remove fsdp"),
     "fsdp_config": ((), "FSDP is not supported (one GPU): remove fsdp_config"),
@@ -186,9 +188,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         bad("lora_target_linear: true and lora_target_modules both set: choose one")
     if not cfg.lora_target_linear and not cfg.lora_target_modules:
         bad("no LoRA targets: set lora_target_linear: true or list lora_target_modules")
-    unknown = [m for m in cfg.lora_target_modules if m not in LINEAR_NAMES]
-    if unknown:
-        bad(f"unknown lora_target_modules {unknown}; valid: {list(LINEAR_NAMES)}")
+    # Which names are valid depends on the architecture (Llama's q_proj ... down_proj, Falcon's
+    # query_key_value ...): train.py checks them against config.json's model before loading weights.
     if cfg.optimizer not in ("paged_adamw_32bit", "adamw_torch"):
         bad(f"optimizer {cfg.optimizer!r} is not supported: use paged_adamw_32bit or adamw_torch")
     if cfg.lr_scheduler not in ("cosine", "constant"):
@@ -196,8 +197,10 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("lora_r", "micro_batch_size", "gradient_accumulation_steps", "sequence_len", "logging_steps"):
         if getattr(cfg, name) <= 0:
             bad(f"{name} must be > 0, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "max_steps", "weight_decay", "lora_dropout", "val_set_size", "max_grad_norm",
-                 "eval_steps", "save_steps", "eval_table_size", "early_stopping_patience"):
+    if cfg.warmup_ratio >= 1:
+        bad(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    for name in ("warmup_ratio", "warmup_steps", "max_steps", "weight_decay", "lora_dropout", "val_set_size",
+                 "max_grad_norm", "eval_steps", "save_steps", "eval_table_size", "early_stopping_patience"):
         if getattr(cfg, name) < 0:
             bad(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.lora_dropout < 1:
@@ -285,7 +288,7 @@ def load_yaml(path: str | Path) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """`--config FILE` plus `--key value` for any TrainConfig field (command line wins)."""
-    parser = argparse.ArgumentParser(description="QLoRA fine-tuning of a Llama model. Every key below can "
+    parser = argparse.ArgumentParser(description="QLoRA fine-tuning of a Llama or Falcon model. Every key below can "
                                      "also be set in the --config file; the command line wins.")
     parser.add_argument("--config", help="a YAML file (axolotl-style keys)")
     defaults = TrainConfig()

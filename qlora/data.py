@@ -10,8 +10,8 @@ Row types: axolotl's names and prompt strings (qlora/prompts.py): context_qa (= 
 context_qa.load_404, context_qa.load_v2 (know_sql's {context, question, answer}) and alpaca.
 
 Sources: a local JSON (a list of rows) or JSONL file, or a folder of them; a Hugging Face hub
-dataset id ("owner/name"), whose JSON/JSONL files are downloaded; or "builtin:sql", the generated
-dataset of qlora/sql_dataset.py, which needs no network.
+dataset id ("owner/name"), whose JSON/JSONL files are downloaded; or "builtin:sql" / "builtin:finance",
+the generated datasets of qlora/sql_dataset.py / qlora/finance_dataset.py, which need no network.
 
 Lengths. A row longer than sequence_len is dropped and counted in `dropped`, as axolotl drops it.
 
@@ -35,10 +35,13 @@ import numpy as np
 import torch
 
 from qlora.loss import IGNORE_INDEX
+from qlora.finance_dataset import finance_rows
 from qlora.prompts import check_type, field_names, format_row, missing_field
 from qlora.sql_dataset import sql_rows
 
 BUILTIN_SQL = "builtin:sql"
+BUILTIN_FINANCE = "builtin:finance"    # alpaca rows of qlora/finance_dataset.py, finance-alpaca's stand-in
+BUILTINS = {BUILTIN_SQL: sql_rows, BUILTIN_FINANCE: finance_rows}    # generated rows, no files
 
 
 # ----------------------------------------------------------------------------- rows
@@ -135,18 +138,18 @@ def source_files(path: str, data_files: list[str] | None = None, split: str | No
         root = Path(os.path.commonpath([f.parent for f in files])) if len(files) > 1 else files[0].parent
     else:
         raise FileNotFoundError(f"dataset {path!r} not found: pass a JSON/JSONL file, a hub dataset id "
-                                f"(owner/name) or {BUILTIN_SQL}")
+                                f"(owner/name), {BUILTIN_SQL} or {BUILTIN_FINANCE}")
     return split_files(files, split, root) if split and len(files) > 1 else files
 
 
 def load_rows(path: str, data_files: list[str] | None = None, split: str | None = None) -> list[dict]:
-    """Rows from a local JSON/JSONL file or folder, a hub dataset id, or builtin:sql.
+    """Rows from a local JSON/JSONL file or folder, a hub dataset id, builtin:sql or builtin:finance.
 
     split (axolotl's train_on_split): of a folder or hub dataset with several files, only the files
     that name that split (SPLIT_WORDS); a single file is used whole.
     """
-    if path == BUILTIN_SQL:
-        return sql_rows()
+    if path in BUILTINS:
+        return BUILTINS[path]()
     return [row for f in source_files(path, data_files, split) for row in _read_json_file(f)]
 
 
@@ -311,7 +314,7 @@ def fingerprint(datasets: list[dict], **settings) -> str:
     `settings` (tokenizer bytes, sequence_len, ...); the name of its dataset_prepared_path entry."""
     h = hashlib.sha256(json.dumps([{k: str(v) for k, v in sorted(spec.items())} for spec in datasets]).encode())
     for spec in datasets:
-        if spec["path"] != BUILTIN_SQL:
+        if spec["path"] not in BUILTINS:
             for f in source_files(spec["path"], spec.get("data_files"), spec.get("train_on_split")):
                 h.update(f.read_bytes())
     for key, value in sorted(settings.items()):

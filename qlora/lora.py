@@ -20,7 +20,6 @@ from kernels.common import use_kernel
 from kernels.lora_grad import LORA_GRAD_DTYPES, lora_dropout_grad_
 from qlora.linear4bit import Linear4bit
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -200,23 +199,37 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+def linear_layers(model: nn.Module) -> list[str]:
+    """Paths of the model's linear layers that LoRA may adapt (nn.Linear, Linear4bit or LoRALinear,
+    not those inside a LoRALinear, not lm_head), in module order."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, Linear4bit, LoRALinear)) and name.split(".")[-1] != "lm_head"
+            and not isinstance(_parent_of(model, name), LoRALinear)]
+
+
+def check_target_names(targets: list[str] | str, valid: list[str] | tuple[str, ...]) -> None:
+    """Raise unless targets is "all-linear" or a non-empty list of (paths ending in) `valid` names."""
+    if targets == "all-linear":
+        return
+    if isinstance(targets, str) or not targets:
+        raise ValueError(f"targets must be 'all-linear' or a non-empty list of {list(valid)}, got {targets!r}")
+    unknown = [t for t in targets if not isinstance(t, str) or t.split(".")[-1] not in valid]
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {unknown}: valid names are {list(valid)} or 'all-linear'")
+
+
 def find_lora_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     """Paths of the modules `targets` selects: a list of names like "q_proj" (or full module paths,
-    as PEFT writes them), or "all-linear" for every linear layer except lm_head."""
+    as PEFT writes them), or "all-linear" for every linear layer except lm_head. The valid names are
+    the model's own: Llama's q_proj ... down_proj, Falcon's query_key_value, dense, dense_h_to_4h,
+    dense_4h_to_h (any model's linear layers, transformers' included)."""
+    layers = linear_layers(model)
     if targets == "all-linear":
-        names = [name for name, m in model.named_modules()
-                 if isinstance(m, (nn.Linear, Linear4bit)) and not isinstance(_parent_of(model, name), LoRALinear)
-                 and name.split(".")[-1] != "lm_head"]
+        names = [name for name in layers if not isinstance(model.get_submodule(name), LoRALinear)]
         if not names:
             raise ValueError("'all-linear' found no nn.Linear or Linear4bit layer (besides lm_head) to adapt")
         return names
-    if isinstance(targets, str) or not targets:
-        raise ValueError(f"targets must be 'all-linear' or a non-empty list of {list(LINEAR_NAMES)}, "
-                         f"got {targets!r}")
-    unknown = [t for t in targets if not isinstance(t, str) or t.split(".")[-1] not in LINEAR_NAMES]
-    if unknown:
-        raise ValueError(f"unknown LoRA target(s) {unknown}: valid names are {list(LINEAR_NAMES)} "
-                         "or 'all-linear'")
+    check_target_names(targets, list(dict.fromkeys(name.split(".")[-1] for name in layers)))
     names = [name for name, _ in model.named_modules() if any(_matches(name, t) for t in targets)]
     for target in targets:
         if not any(_matches(name, target) for name in names):

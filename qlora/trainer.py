@@ -34,14 +34,21 @@ def pick_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.bf16 in (True, "auto") else torch.float32
 
 
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """warmup_steps, or warmup_ratio of the run when set (transformers' rule: rounded up)."""
+    return math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio else cfg.warmup_steps
+
+
 def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """transformers' schedules (get_cosine_schedule_with_warmup, what axolotl runs): lr rises
-    linearly from 0 over warmup_steps (step 0 has lr 0), then cosine decay to 0 (or constant)."""
-    if step < cfg.warmup_steps:
-        return step / max(1, cfg.warmup_steps)
+    linearly from 0 over the warm-up (step 0 has lr 0; warmup_steps, or warmup_ratio of the run),
+    then cosine decay to 0 (or constant)."""
+    warmup = warmup_steps(cfg, total_steps)
+    if step < warmup:
+        return step / max(1, warmup)
     if cfg.lr_scheduler == "constant":
         return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    progress = (step - warmup) / max(1, total_steps - warmup)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 

@@ -113,11 +113,17 @@ def float64_lora_llama(variant: str = "mha", seed: int = 0, r: int = 4):
     gradient; dropout 0 so the exact comparisons are deterministic.
     """
     from llama.model import Llama, LlamaConfig
-    from qlora.lora import apply_lora, lora_layers
 
     torch.manual_seed(seed)
     model = Llama(LlamaConfig(**{k: v for k, v in {**TINY, **VARIANTS[variant]}.items()
                                  if k != "initializer_range"}))
+    return random_lora_float64(model, r)
+
+
+def random_lora_float64(model, r: int):
+    """model with N(0, 0.1) weights, LoRA (r, alpha 2r, random B, no dropout) on every linear layer, float64."""
+    from qlora.lora import apply_lora, lora_layers
+
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
@@ -126,3 +132,51 @@ def float64_lora_llama(variant: str = "mha", seed: int = 0, r: int = 4):
         for layer in lora_layers(model).values():
             layer.lora_b.normal_(0, 0.1)
     return model.double()
+
+
+# Falcon: hidden 72 = 6 heads of 12, 2 layers, vocab 128; the variants are the shapes FalconConfig describes.
+TINY_FALCON = dict(vocab_size=128, hidden_size=72, num_attention_heads=6, num_hidden_layers=2,
+                   max_position_embeddings=256, layer_norm_epsilon=1e-5, bos_token_id=11, eos_token_id=11,
+                   initializer_range=0.1)
+FALCON_VARIANTS = {
+    "7b": {},                                                        # multi-query, parallel, one LayerNorm
+    "40b": dict(new_decoder_architecture=True, num_kv_heads=2),      # grouped K/V, ln_attn + ln_mlp
+    "sequential": dict(parallel_attn=False),                         # x += attn(ln1 x); x += mlp(ln2 x)
+    "mha": dict(multi_query=False, bias=True),                       # one K/V per head, biased linears
+}
+
+
+def write_tiny_falcon(path, seed: int = 0, dtype=torch.float32, max_shard_size=None, **overrides) -> Path:
+    """Save a random transformers FalconForCausalLM (TINY_FALCON + overrides) with safetensors to `path`."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(seed)
+    model = FalconForCausalLM(FalconConfig(**{**TINY_FALCON, **overrides})).to(dtype)
+    with torch.no_grad():  # random LayerNorms and biases catch one applied in the wrong place
+        for name, p in model.named_parameters():
+            if "ln" in name.split(".")[-2] or "layernorm" in name:
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.uniform_(-0.2, 0.2)
+            elif name.endswith("bias"):
+                p.uniform_(-0.2, 0.2)
+    path = Path(path)
+    kwargs = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    return path
+
+
+def float64_lora_falcon(variant: str = "7b", seed: int = 0, r: int = 4):
+    """Our Falcon with the TINY_FALCON config (+ a FALCON_VARIANTS entry), as float64_lora_llama."""
+    from falcon.model import Falcon, FalconConfig
+
+    torch.manual_seed(seed)
+    model = Falcon(FalconConfig(**{k: v for k, v in {**TINY_FALCON, **FALCON_VARIANTS[variant]}.items()
+                                   if k != "initializer_range"}))
+    return random_lora_float64(model, r)
+
+
+@pytest.fixture
+def tiny_falcon(tmp_path):
+    """A function (variant name or overrides) -> directory of a tiny random HF Falcon checkpoint."""
+    def make(variant: str = "7b", **overrides):
+        return write_tiny_falcon(tmp_path / f"falcon-{variant}", **{**FALCON_VARIANTS[variant], **overrides})
+    return make

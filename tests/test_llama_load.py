@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from llama.load import load_llama, quantize_weight, resident_bytes
+from llama.model import Llama
 from qlora.linear4bit import Linear4bit
-from qlora.lora import LINEAR_NAMES
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
@@ -36,7 +36,7 @@ def test_4bit_logits_equal_transformers_with_dequantized_weights(tiny_llama, dty
     directory = tiny_llama("gqa")
     ours = load_llama(directory, dtype=dtype, load_in_4bit=True)
     layers = _linear4bit_layers(ours)
-    assert sorted({name.rsplit(".", 1)[1] for name in layers}) == sorted(LINEAR_NAMES)
+    assert sorted({name.rsplit(".", 1)[1] for name in layers}) == sorted(Llama.LINEAR_NAMES)
     assert len(layers) == 7 * 2
     # reference: transformers with every projection's weight replaced by our dequantized NF4 weight
     hf = LlamaForCausalLM.from_pretrained(directory, dtype=dtype).eval()

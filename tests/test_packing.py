@@ -1,11 +1,12 @@
 """Packing keeps rows apart: a packed batch gives each row the loss, hidden states and LoRA gradients
-it has when run alone (float64, Llama 2 and GQA configs). References: the rows one by one through the
+it has when run alone (float64, Llama 2 and GQA configs, Falcon-7B's multi-query and Falcon-40B's
+grouped-query layouts). References: the rows one by one through the
 same model (plain causal attention, positions 0..n-1), and SDPA with a dense mask for FlexAttention."""
 
 import pytest
 import torch
 
-from conftest import float64_lora_llama
+from conftest import float64_lora_falcon, float64_lora_llama
 from qlora.attention import attend, document_mask, flex_attention
 from qlora.data import IGNORE_INDEX, Example, collate, pack
 from qlora.loss import causal_lm_loss
@@ -44,9 +45,9 @@ def test_pack_keeps_whole_rows_within_sequence_len_and_masks_each_first_label():
         pack(examples, 8)
 
 
-@pytest.mark.parametrize("variant", ["mha", "gqa"])
-def test_packed_batch_equals_rows_one_by_one_float64(variant):
-    model = float64_lora_llama(variant)
+@pytest.mark.parametrize("arch, variant", [("llama", "mha"), ("llama", "gqa"), ("falcon", "7b"), ("falcon", "40b")])
+def test_packed_batch_equals_rows_one_by_one_float64(arch, variant):
+    model = (float64_lora_llama if arch == "llama" else float64_lora_falcon)(variant)
     examples = rows()
     params = [p for p in model.parameters() if p.requires_grad]
     n_items = sum(sum(l != IGNORE_INDEX for l in e.labels[1:]) for e in examples)

@@ -51,6 +51,32 @@ def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("scheduler", ["cosine", "constant"])
+@pytest.mark.parametrize("warmup, ratio", [(5, 0.0), (0, 0.25), (10, 0.03)])
+def test_lr_schedule_is_transformers_with_warmup_steps_or_ratio(scheduler, warmup, ratio):
+    """qlora.trainer.lr_factor against transformers' get_{cosine,constant}_schedule_with_warmup; a
+    warmup_ratio, when set, replaces warmup_steps and is rounded up as TrainingArguments does."""
+    import math
+
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    from qlora.config import TrainConfig
+    from qlora.trainer import lr_factor
+
+    total = 37
+    n_warmup = math.ceil(ratio * total) if ratio else warmup
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    hf = (get_cosine_schedule_with_warmup(optimizer, n_warmup, total) if scheduler == "cosine"
+          else get_constant_schedule_with_warmup(optimizer, n_warmup))
+    want = []
+    for _ in range(total):
+        want.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        hf.step()
+    cfg = TrainConfig(lr_scheduler=scheduler, warmup_steps=warmup, warmup_ratio=ratio)
+    assert [lr_factor(step, cfg, total) for step in range(total)] == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
 def test_loss_decreases_and_the_adapter_is_written(setup, tmp_path):
     assert train.main(args(setup, tmp_path, max_steps=24, eval_steps=12, save_steps=12)) == 0
     curve = losses(tmp_path)
