@@ -11,9 +11,10 @@
 
 The base defaults to the adapter's base_model_name_or_path; its config.json's model_type picks the
 architecture. train.py leaves training_config.json and the tokenizer (tokenizer.model, or Falcon's
-tokenizer.json + tokenizer_config.json) beside the adapter's PEFT files: the prompt format
-(context_qa or alpaca), the tokenizer and, for the demo, the seed of the random base come from
-there. A PEFT adapter without them works too; then pass --tokenizer if the base has no tokenizer.
+tokenizer.json + tokenizer_config.json) beside the adapter's PEFT files: the prompt format (the
+dataset type it was trained on: context_qa, context_qa.load_v2, alpaca, ...; qlora/prompts.py), the
+tokenizer and, for the demo, the seed of the random base come from there; the format used is
+printed. A PEFT adapter without them works too; then pass --tokenizer if the base has no tokenizer.
 """
 
 import argparse
@@ -23,17 +24,17 @@ import time
 from pathlib import Path
 
 import torch
-
-from llama.generate import TextStream, generate
 import torch.nn as nn
 
 from falcon.load import load_base
+from llama.generate import TextStream, generate
 from llama.load import config_path, is_random_base, model_dir
 from llama.tokenizer import TOKENIZER_FILES, load_tokenizer
 from qlora.config import TrainConfig
-from qlora.data import BUILTIN_SQL, check_rows, format_row, load_rows
 from qlora import progress
+from qlora.data import BUILTIN_SQL, check_rows, load_rows
 from qlora.adapter import load_adapter, merged_state_dict, read_adapter_config, save_merged
+from qlora.prompts import QA_TYPES, format_row, sql_prompt, strip_response_prefix
 from qlora.sql_eval import score
 from qlora.errors import read_json, read_text, run_cli
 from qlora.trainer import pick_device
@@ -139,10 +140,6 @@ def merged_model(model: nn.Module) -> nn.Module:
     return merged.eval()
 
 
-def context_qa_prompt(context: str, question: str) -> str:
-    return format_row({"context": context, "question": question, "answer": ""}, "context_qa")[0]
-
-
 def alpaca_prompt(instruction: str, input: str = "") -> str:
     return format_row({"instruction": instruction, "input": input, "output": ""}, "alpaca")[0]
 
@@ -151,9 +148,9 @@ def interactive_prompt(line: str, kind: str | None) -> str:
     """A line typed at --interactive in the adapter's format (raw text when it has none)."""
     if kind == "alpaca":
         return alpaca_prompt(line)
-    if kind == "context_qa" and "|||" in line:
+    if kind in QA_TYPES and "|||" in line:
         context, question = line.split("|||", 1)
-        return context_qa_prompt(context.strip(), question.strip())
+        return sql_prompt(kind, context.strip(), question.strip())
     return line
 
 
@@ -181,17 +178,23 @@ def run(argv=None) -> int:
         raise ValueError("no base model: pass --base (the adapter names none)")
     if args.base and trained_on and Path(args.base) != Path(trained_on):
         print(f"note: the adapter was trained on {trained_on}, loading it on {args.base}", file=sys.stderr)
+    # The prompt format: the dataset type the adapter was trained on (its training_config.json).
     kind = train_cfg.get("datasets", [{}])[0].get("type", "context_qa") if train_cfg else None
     if kind == "alpaca" and (args.question is not None or args.eval):
         raise ValueError("this adapter was trained on alpaca prompts: use --instruction/--input "
                          "(--context/--question and --eval are for context_qa SQL adapters)")
-    if kind == "context_qa" and args.instruction is not None:
-        raise ValueError("this adapter was trained on context_qa prompts: use --context/--question")
+    if kind in QA_TYPES and args.instruction is not None:
+        raise ValueError(f"this adapter was trained on {kind} prompts: use --context/--question")
+    qa_kind = kind if kind in QA_TYPES else "context_qa"        # no training_config.json: context_qa
+    if args.question is not None or args.eval or args.instruction is not None or args.interactive:
+        source = f"{Path(args.adapter) / TRAINING_CONFIG}" if kind else "the default: no training_config.json"
+        used = "alpaca" if args.instruction is not None else (kind or qa_kind)
+        print(f"prompt format: {used} ({source})", file=sys.stderr)
 
     # ---- the prompts: streamed one by one, or a file of them in batches (checked before loading)
     streamed = [args.prompt] if args.prompt is not None else []
     if args.question is not None:
-        streamed.append(context_qa_prompt(args.context, args.question))
+        streamed.append(sql_prompt(qa_kind, args.context, args.question))
     if args.instruction is not None:
         streamed.append(alpaca_prompt(args.instruction, args.input))
     batched = []
@@ -281,9 +284,10 @@ def run(argv=None) -> int:
                   "generalisation; for held-out rows: python -m qlora.sql_dataset --held_out --rows 100 "
                   "--seed 1 --out heldout.jsonl, then --eval heldout.jsonl", file=sys.stderr)
         rows = load_rows(args.eval)
-        check_rows(rows, "context_qa", args.eval)
+        check_rows(rows, "context_qa.load_v2", args.eval)   # {context, question, answer}
         rows = rows[:args.eval_limit or None]
-        predictions = complete([format_row(r, "context_qa")[0] for r in rows])
+        prompts = [sql_prompt(qa_kind, r["context"], r["question"]) for r in rows]
+        predictions = [strip_response_prefix(t, qa_kind) for t in complete(prompts)]
         model_name = f"{base} + {args.adapter}" if args.adapter else f"{base} (no adapter)"
         print(score(rows, predictions).table(model_name, Path(args.eval).name))
     for prompt in streamed:

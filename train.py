@@ -2,42 +2,51 @@
 
     python train.py                                     # demo: a small random Llama, built-in SQL data
     python train.py --config configs/tiny-falcon.yml    # demo: a small random Falcon, built-in finance data
-    python train.py --config configs/llama2-7b-sql.yml  # the real job (Llama-2-7B, know_sql)
+    python train.py --config configs/sql.yml            # the seed's job, its axolotl YAML unchanged
+                                                        # (Llama-2-7B, know_sql)
     python train.py --config configs/falcon-7b-finance.yml  # the second (Falcon-7B, finance-alpaca)
 
 The architecture comes from the base model's config.json ("model_type": llama or falcon).
 
-Any config key can be given on the command line too (`--learning_rate 1e-4`). The demo's model is
-randomly initialised: it shows that every piece runs and the loss falls, nothing more.
+Any config key can be given on the command line too (`--learning_rate 1e-4`; with a YAML file that
+says strict: true, only keys the file has). The demo's model is randomly initialised: it shows that
+every piece runs and the loss falls, nothing more.
 """
 
 import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from falcon.load import load_base, model_class
 from falcon.model import Falcon
+from llama.generate import generate
 from llama.load import config_path, is_random_base, model_dir, read_json
 from llama.tokenizer import load_tokenizer, train_bpe_tokenizer, train_tokenizer
+from qlora.adapter import load_adapter, save_adapter
+from qlora.atomic import check_writable_dir, clean_leftovers, write_file
 from qlora.checkpoint import (check_resume_config, find_checkpoint, list_checkpoints, load_checkpoint, rng_state,
                               save_checkpoint)
 from qlora.config import TrainConfig, parse_args
-from qlora.event_log import log_record, open_event_log
-from qlora.data import Batches, batches_in_order, check_type, format_row, load_rows, pad_id_of, prepare_data
-from qlora.adapter import save_adapter
-from qlora.atomic import check_writable_dir, clean_leftovers, write_file
 from qlora.errors import run_cli
-from qlora.lora import apply_lora, check_target_names, trainable_summary
-from qlora.loss import causal_lm_loss
-from qlora.metrics import MetricsLog, read_metrics
 from qlora import progress
-from qlora.trainer import (load_training_state, make_optimizer, memory_gib, mixed_precision, optimizer_step,
-                           pick_device, pick_dtype)
+from qlora.event_log import log_record, open_event_log
+from qlora.data import (Batches, batches_in_order, fingerprint, load_rows, pad_id_of, prepare_data,
+                        prepare_data_cached)
+from qlora.lora import apply_lora, check_target_names, lora_layers, trainable_summary
+from qlora.loss import causal_lm_loss, label_count
+from qlora.metrics import MetricsLog, read_metrics
+from qlora.prompts import QA_TYPES, format_row, strip_response_prefix
+from qlora.sql_eval import exact_match, runs_on_schema
+from qlora.trainer import (accumulate_gradients, load_training_state, make_optimizer, memory_gib, mixed_precision,
+                           optimizer_step, pick_device, pick_dtype)
 
 
 def check_before_loading(cfg: TrainConfig) -> TrainConfig:
@@ -46,8 +55,6 @@ def check_before_loading(cfg: TrainConfig) -> TrainConfig:
     absolute (the adapter then names its base model wherever infer.py runs)."""
     pick_dtype(cfg, pick_device(cfg.device))
     check_writable_dir(cfg.output_dir)
-    for spec in cfg.datasets:
-        check_type(spec.get("type", "context_qa"))
     base = Path(cfg.base_model).expanduser()
     if is_random_base(cfg.base_model) and not base.is_file():
         raise FileNotFoundError(f"model config {base} not found: pass a config.json, a checkpoint "
@@ -90,6 +97,37 @@ def check_answers(data, cfg: TrainConfig) -> None:
               "teach only the end-of-sequence token", file=sys.stderr)
 
 
+def check_special_tokens(special: dict, tokenizer) -> None:
+    """special_tokens must be the tokenizer's own (adding tokens, which axolotl can, is not supported)."""
+    own = tokenizer.special_tokens()
+    for key, token in special.items():
+        if own[key] != token:
+            raise ValueError(f"special_tokens {key}: {token!r} is not this tokenizer's ({own[key] or 'none'!r}); "
+                             "adding tokens is not supported: remove the key or use the matching tokenizer")
+
+
+def due(step: int, every: int, steps_per_epoch: int, total_steps: int) -> bool:
+    """Evaluate / save now? every N steps; every 0: at each epoch's end (HF's "epoch" strategy); and last."""
+    return step == total_steps or step % (every or steps_per_epoch) == 0
+
+
+@contextmanager
+def deferred_interrupt():
+    """Hold a Ctrl-C that arrives inside the block (an optimizer update, a checkpoint write) until the
+    block is done, so the weights, the step number and the data position never disagree."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     cfg = check_before_loading(cfg)
@@ -97,7 +135,11 @@ def main(argv=None) -> int:
     dtype = pick_dtype(cfg, device)
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     print(f"device {device}, compute dtype {dtype}, output {out}")
+    if cfg.fp16 and device.type != "cuda":
+        print("note: fp16: true has no effect on the CPU, which computes in fp32")
 
     # ---- the architecture (config.json's model_type), checked against the LoRA targets before loading
     hf_config = read_json(config_path(cfg.base_model))     # a hub id is downloaded here
@@ -111,7 +153,8 @@ def main(argv=None) -> int:
     elif is_random_base(cfg.base_model):  # the demo model has no tokenizer: train one on the dataset (once, kept in output_dir)
         texts = []
         for spec in cfg.datasets:
-            texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in load_rows(spec["path"])]
+            rows = load_rows(spec["path"], spec.get("data_files"), spec.get("train_on_split"))
+            texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in rows]
         if architecture is Falcon:        # Falcon's kind: a byte-level BPE tokenizer.json
             if not (out / "tokenizer.json").is_file():
                 train_bpe_tokenizer(texts, hf_config["vocab_size"], out)
@@ -126,60 +169,78 @@ def main(argv=None) -> int:
         raise ValueError(f"the tokenizer {cfg.tokenizer or 'of ' + str(out)} has {tokenizer.vocab_size} ids but the model "
                          f"{cfg.base_model} only {hf_config['vocab_size']}: pass the --tokenizer that belongs to "
                          "the base model")
+    check_special_tokens(cfg.special_tokens, tokenizer)
     # Saved beside every adapter (PEFT ignores them): what infer.py needs to rebuild the prompt
     # format, the tokenizer and (for the demo) the random base.
-    adapter_extras = {"training_config.json": json.dumps(vars(cfg), indent=2).encode(), **tokenizer.files()}
-    data = prepare_data(cfg.datasets, tokenizer, cfg.sequence_len, cfg.val_set_size, cfg.seed,
-                        cfg.train_on_inputs, cfg.sample_packing)
-    print(data.summary())
+    tokenizer_files = tokenizer.files()
+    adapter_extras = {"training_config.json": json.dumps(vars(cfg), indent=2).encode(), **tokenizer_files}
+    key = fingerprint(cfg.datasets, tokenizer=b"".join(tokenizer_files[k] for k in sorted(tokenizer_files)),
+                      sequence_len=cfg.sequence_len, val_set_size=cfg.val_set_size, seed=cfg.seed,
+                      train_on_inputs=cfg.train_on_inputs, sample_packing=cfg.sample_packing) \
+        if cfg.dataset_prepared_path else ""
+    data, origin = prepare_data_cached(cfg.dataset_prepared_path, key, lambda: prepare_data(
+        cfg.datasets, tokenizer, cfg.sequence_len, cfg.val_set_size, cfg.seed, cfg.train_on_inputs,
+        cfg.sample_packing))
+    print(f"{data.summary()} ({origin})")
     check_answers(data, cfg)
+    if data.dropped:
+        print(f"note: {data.dropped} rows longer than sequence_len {cfg.sequence_len} were left out, as axolotl does")
     pad_id, pad_to = pad_id_of(tokenizer), (cfg.sequence_len if cfg.pad_to_sequence_len else None)
-    batches = Batches(data.train, cfg.micro_batch_size, cfg.seed, pad_id, pad_to)
+    batches = Batches(data.train, cfg.micro_batch_size, cfg.seed, pad_id, pad_to, group_by_length=cfg.group_by_length)
 
     # ---- model: frozen (4-bit) base + LoRA adapters
     t0 = time.time()
     model = load_base(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed)
     print(f"base model loaded in {time.time() - t0:.1f}s ({'NF4' if cfg.load_in_4bit else dtype} weights)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
+    if cfg.lora_model_dir:   # continue training an adapter (its own r, alpha and targets), as axolotl
+        load_adapter(model, cfg.lora_model_dir, dtype=torch.float32)
+        for layer in lora_layers(model).values():
+            layer.lora_a.requires_grad_(True), layer.lora_b.requires_grad_(True)
+        print(f"adapter loaded from {cfg.lora_model_dir}")
+    else:
+        apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
     print(trainable_summary(model))
     params = [p for p in model.parameters() if p.requires_grad]
-    steps_per_epoch = math.ceil(len(batches) / cfg.gradient_accumulation_steps)
+    steps_per_epoch = max(1, math.ceil(len(batches) / cfg.gradient_accumulation_steps))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
     optimizer, scheduler = make_optimizer(params, cfg, total_steps)
     autocast, scaler = mixed_precision(device, dtype)
 
-    # ---- resume (the checkpoint was found and its config compared before loading)
-    step = 0
-    if resume is not None:
+    # ---- resume
+    step, best = 0, {"eval_loss": math.inf, "evals_since": 0}
+    if resume is not None:   # found, and its config compared, before loading (find_resume)
         state = load_checkpoint(resume[0], model)
         load_training_state(optimizer, scheduler, scaler, state, cfg, total_steps)
         batches.load_state_dict(state["data"])
-        step = state["step"]
+        step, best = state["step"], state.get("best", best)
         print(f"resumed from {resume[0]} at step {step}")
 
-    def loss_of(batch):
+    def loss_of(batch, num_items: int):
         input_ids = batch["input_ids"].to(device)
+        packed = {k: batch[k].to(device) for k in ("position_ids", "segment_ids") if k in batch}  # sample_packing
         with autocast:
-            hidden = model(input_ids, return_hidden=True)                      # (B, T, C)
-            return causal_lm_loss(hidden, model.lm_head.weight, batch["labels"].to(device))
+            hidden = model(input_ids, return_hidden=True, **packed)            # (B, T, C)
+            return causal_lm_loss(hidden, model.lm_head.weight, batch["labels"].to(device), num_items=num_items)
 
     @torch.no_grad()
     def evaluate() -> float:
+        """Token-weighted like training: all val token losses summed / all val label tokens."""
         model.eval()
-        val = batches_in_order(data.val, cfg.micro_batch_size, pad_id, pad_to)
-        n_batches = math.ceil(len(data.val) / cfg.micro_batch_size)
-        losses = [loss_of(b).item() for b in progress.bar(val, n_batches, "eval", "batch", leave=False)]
+        val = list(batches_in_order(data.val, cfg.micro_batch_size, pad_id, pad_to))
+        num_items = sum(label_count(b["labels"]) for b in val)
+        loss = sum(loss_of(b, num_items).item() for b in progress.bar(val, len(val), "eval", "batch", leave=False))
         model.train()
-        return sum(losses) / max(1, len(losses))
+        return loss
 
-    def save(at_step: int, data_state: dict, rng: dict) -> Path:
+    def save(at: dict) -> Path:
         trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict(), "data": data_state, "rng": rng,
-                         "config": vars(cfg)}
-        path = save_checkpoint(out, at_step, model, lambda d: save_adapter(model, d, cfg.base_model, overwrite=True,
-                                                                           extra_files=adapter_extras),
-                               trainer_state)
+                         "scaler": scaler.state_dict(), "data": at["data"], "rng": at["rng"],
+                         "best": at["best"], "config": vars(cfg)}
+        with deferred_interrupt():
+            path = save_checkpoint(out, at["step"], model,
+                                   lambda d: save_adapter(model, d, cfg.base_model, overwrite=True,
+                                                          extra_files=adapter_extras), trainer_state)
         progress.write(f"saved {path}")
         return path
 
@@ -190,35 +251,45 @@ def main(argv=None) -> int:
     model.train()
     last_saved = resume[0] if resume is not None else None
     tokens_seen, t_log = 0, time.time()
-    step_data, step_rng = batches.state_dict(), rng_state()
+    # What a Ctrl-C saves: always one consistent state. During a step's forward/backward passes it is
+    # the state at the step's start (its gradients are dropped); from the optimizer update on (held
+    # until complete), the state after the step, whatever runs next (eval, logging, a save).
+    resume_point = {"step": step, "data": batches.state_dict(), "rng": rng_state(), "best": dict(best)}
+    record = None
     bar = progress.bar(total=total_steps, initial=step, desc="training", unit="step")
     try:
         while step < total_steps:
-            step_data, step_rng = batches.state_dict(), rng_state()   # what a Ctrl-C save restores
-            loss_sum = 0.0
-            for _ in range(cfg.gradient_accumulation_steps):
-                batch = next(batches)
-                loss = loss_of(batch)
-                scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-                loss_sum += loss.item()
-                tokens_seen += int((batch["attention_mask"]).sum())
-            loss_avg = loss_sum / cfg.gradient_accumulation_steps
+            micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+            loss_avg = accumulate_gradients(micro_batches, loss_of, lambda loss: scaler.scale(loss).backward())
+            tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro_batches)
             if not math.isfinite(loss_avg):
                 where = f"; the last good checkpoint is {last_saved}" if last_saved else ""
                 print(f"error: loss is {loss_avg} at step {step + 1}: stopping without saving{where}. "
                       "Lower learning_rate or check the data.", file=sys.stderr)
                 return 1
-            grad_norm, lr = optimizer_step(optimizer, scaler, scheduler, params, cfg.max_grad_norm)
-            step += 1
+            with deferred_interrupt():
+                grad_norm, lr = optimizer_step(optimizer, scaler, scheduler, params, cfg.max_grad_norm)
+                step += 1
+                record = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm,
+                          "epoch": round(batches.epochs_done, 4)}
+                resume_point = {"step": step, "data": batches.state_dict(), "rng": rng_state(), "best": dict(best)}
             bar.update()
             bar.set_postfix(loss=f"{loss_avg:.4f}", tok_s=f"{tokens_seen / max(time.time() - t_log, 1e-9):.0f}",
                             mem=f"{memory_gib(device):.2f}GiB", refresh=False)
 
-            record = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm,
-                      "epoch": round(batches.epochs_done, 4)}
-            if data.val and (step % cfg.eval_steps == 0 or step == total_steps):   # val_set_size 0: none
+            stop = False
+            if due(step, cfg.eval_steps, steps_per_epoch, total_steps) and data.val:
                 record["eval_loss"] = evaluate()
-            if step % cfg.logging_steps == 0 or "eval_loss" in record or step == total_steps:
+                if cfg.eval_table_size and data.val_rows:
+                    record["eval_table"] = eval_table(model, tokenizer, data.val_rows[:cfg.eval_table_size], device,
+                                                      cfg.sequence_len)
+                if record["eval_loss"] < best["eval_loss"]:
+                    best = {"eval_loss": record["eval_loss"], "evals_since": 0}
+                else:
+                    best = {**best, "evals_since": best["evals_since"] + 1}
+                resume_point["best"] = dict(best)
+                stop = bool(cfg.early_stopping_patience) and best["evals_since"] >= cfg.early_stopping_patience
+            if step % cfg.logging_steps == 0 or "eval_loss" in record or step == total_steps or stop:
                 elapsed = time.time() - t_log
                 record.update(tokens_per_s=round(tokens_seen / elapsed, 1), mem_gib=round(memory_gib(device), 2))
                 tokens_seen, t_log = 0, time.time()
@@ -227,13 +298,20 @@ def main(argv=None) -> int:
                                f"{record['tokens_per_s']:.0f} tok/s mem {record['mem_gib']:.2f} GiB")
             metrics.append(record)
             log_record(events, record)
-            if step % cfg.save_steps == 0 or step == total_steps:
-                last_saved = save(step, batches.state_dict(), rng_state())
+            record = None
+            if stop:
+                progress.write(f"early stopping: eval_loss has not improved for {best['evals_since']} evals "
+                      f"(early_stopping_patience {cfg.early_stopping_patience})")
+                last_saved = save(resume_point)
+                break
+            if due(step, cfg.save_steps, steps_per_epoch, total_steps):
+                last_saved = save(resume_point)
     except KeyboardInterrupt:
-        # Save the state at the start of the interrupted step: its gradients were never applied.
         print("\ninterrupted: saving a checkpoint", file=sys.stderr)
-        optimizer.zero_grad(set_to_none=True)
-        save(step, step_data, step_rng)
+        if record is not None and record["step"] == resume_point["step"]:
+            metrics.append(record)                       # the finished step's line (its eval was cut short)
+        optimizer.zero_grad(set_to_none=True)            # the unfinished step's gradients, if any
+        save(resume_point)
         return 130
     finally:
         bar.close()
@@ -244,6 +322,35 @@ def main(argv=None) -> int:
     print(f"done: adapter in {adapter_dir}")
     plot_loss(out)
     return 0
+
+
+@torch.no_grad()
+def eval_table(model, tokenizer, rows: list[tuple[dict, str]], device, sequence_len: int,
+               max_new_tokens: int = 128) -> list[dict]:
+    """axolotl's eval_table_size: greedy answers for a few val rows, printed as a table and returned
+    for metrics.jsonl; for SQL rows (with a CREATE TABLE context) also whether the answer runs."""
+    model.eval()
+    table = []
+    for row, kind in rows:
+        prompt, gold = format_row(row, kind)
+        ids = tokenizer.encode(prompt, bos=True, eos=False)
+        n_new = max(1, min(max_new_tokens, sequence_len - len(ids)))
+        generated = tokenizer.decode(generate(model, [ids], n_new, eos_id=tokenizer.eos_id)[0]).strip()
+        entry = {"gold": gold, "generated": generated}
+        if kind in QA_TYPES and "context" in row and "CREATE TABLE" in row["context"].upper():
+            answer = strip_response_prefix(generated, kind)
+            entry["exact"] = exact_match(answer, row["answer"])
+            try:
+                entry["runs"] = runs_on_schema(answer, row["context"])
+            except ValueError:                             # a context sqlite cannot read
+                entry["runs"] = None
+        table.append(entry)
+    model.train()
+    print("| gold | generated | exact | runs |\n| --- | --- | --- | --- |")
+    for e in table:
+        cell = lambda t: t.replace("|", "\\|").replace("\n", " ")[:80]  # noqa: E731
+        print(f"| {cell(e['gold'])} | {cell(e['generated'])} | {e.get('exact', '')} | {e.get('runs', '')} |")
+    return table
 
 
 def plot_loss(out: Path) -> Path | None:

@@ -77,7 +77,7 @@ def main(argv=None) -> None:
     results = [tokens_per_second(model, prompts[:args.prompts], int(b), args.new_tokens, graph)
                for b in args.batches.split(",")]
     del model
-    print(f"\n| batch | prompts | new tokens | s | tokens/s | x batch 1 |")
+    print("\n| batch | prompts | new tokens | s | tokens/s | x batch 1 |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results:
         print(f"| {r['batch']} | {r['prompts']} | {r['new_tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | "

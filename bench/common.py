@@ -28,12 +28,12 @@ def load_ours(path, device: torch.device, dtype: torch.dtype = torch.bfloat16):
     return load_llama(path, device, dtype, load_in_4bit=True)
 
 
-def load_peer(path, device: torch.device):
-    """transformers' LlamaForCausalLM with bitsandbytes NF4 + double quantization, bf16 compute, SDPA."""
+def load_peer(path, device: torch.device, dtype: torch.dtype = torch.bfloat16):
+    """transformers' LlamaForCausalLM with bitsandbytes NF4 + double quantization, `dtype` compute, SDPA."""
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    return LlamaForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                               bnb_4bit_compute_dtype=dtype)
+    return LlamaForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype,
                                             attn_implementation="sdpa", device_map=str(device))
 
 
@@ -75,13 +75,14 @@ def prepare_checkpoint(path, tiny: bool) -> Path:
     return path
 
 
-def run_side_subprocess(module: str, side: str, extra: list[str]) -> dict:
-    """python -m <module> --side <side> --json <tmp> ...: the side's JSON, or {'error': ...}."""
+def run_side_subprocess(module: str, side: str, extra: list[str], env: dict | None = None) -> dict:
+    """python -m <module> --side <side> --json <tmp> ...: the side's JSON, or {'error': ...}.
+    env: the child's environment (None: this one's)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{side}.json"
         cmd = [sys.executable, "-m", module, "--side", side, "--json", str(out), *extra]
         print(f"\n=== {side}: {' '.join(cmd[1:])}", flush=True)
-        proc = subprocess.run(cmd, cwd=REPO)
+        proc = subprocess.run(cmd, cwd=REPO, env=env)
         if proc.returncode != 0 or not out.is_file():
             return {"side": side, "error": f"exit status {proc.returncode} (see the output above)"}
         return json.loads(out.read_text())

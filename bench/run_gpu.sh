@@ -21,7 +21,7 @@ for stage in "$@"; do
     train_step) timeout 420 python -m bench.train_step --json "$OUT/train_step.json" 2>&1 | tail -60 ;;
     falcon)     timeout 540 python -m bench.falcon_step --json "$OUT/falcon_step.json" 2>&1 | grep -v "^Warning" | tail -40 ;;
     train)      # the issue #6 GPU check: train.py itself, 7B shapes, micro-batch 2 x 2048, r=32 all-linear
-                timeout 300 python train.py --config configs/llama2-7b-sql.yml --base_model /tmp/llama2-7b-random \
+                timeout 300 python train.py --config configs/sql.yml --base_model /tmp/llama2-7b-random \
                   --tokenizer out/llama2-tokenizer.model --datasets builtin:sql --max_steps 10 \
                   --gradient_accumulation_steps 1 --warmup_steps 2 --eval_steps 1000 --save_steps 1000 \
                   --logging_steps 1 --output_dir /tmp/train-gpu 2>&1 | grep -v "^Warning" | tail -20 ;;

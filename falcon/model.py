@@ -10,8 +10,8 @@ How Falcon differs from Llama (llama/model.py), and nothing else does:
   `parallel_attn: false` is the sequential x += attn(ln1(x)); x += mlp(ln2(x)) Llama has;
 * LayerNorm with a bias instead of RMSNorm; MLP dense_4h_to_h(gelu(dense_h_to_4h(x))) instead of
   SwiGLU; optional biases on the linears (`bias: true`); input and output embeddings tied.
-RoPE (the same rotate-half layout), the static KV cache, the cached forward's mask and generation
-are Llama's, imported from there. ALiBi checkpoints (`alibi: true`, falcon-rw-*) are refused.
+RoPE (the same rotate-half layout), the static KV cache, the cached forward's mask, packed rows'
+positions and mask, and generation are Llama's, imported from there. ALiBi checkpoints (`alibi: true`, falcon-rw-*) are refused.
 
 The module tree mirrors Hugging Face's FalconForCausalLM, so state_dict() keys are the checkpoint
 keys (transformer.word_embeddings.weight, transformer.h.0.self_attention.query_key_value.weight,
@@ -21,6 +21,8 @@ block are plain attributes, so NF4 weights and LoRA wrappers fit there as in lla
     model(input_ids)                    -> logits (B, T, vocab); training, no cache
     model.setup_cache(B, max_len)       then model(ids, start_pos=p) writes and reads the KV cache
     model(ids, return_hidden=True)      -> final hidden states (B, T, C) before lm_head
+    model(ids, position_ids=P, segment_ids=S)   packed rows (sample_packing), as in llama/model.py:
+                                        per-row positions, attention within each row (qlora/attention.py)
 """
 
 from dataclasses import dataclass, fields
@@ -31,8 +33,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kernels.common import use_kernel
-from kernels.rope import ROPE_DTYPES, apply_rope_qk
-from llama.model import KVCache, apply_rope, cache_inputs, rope_cos_sin, rope_inv_freq
+from kernels.rope import ROPE_DTYPES
+from llama.model import KVCache, apply_rope, apply_rope_fused, cache_inputs, rope_cos_sin, rope_inv_freq
+from qlora.attention import attend
 
 
 # ----------------------------------------------------------------------------- config
@@ -143,8 +146,9 @@ class Attention(nn.Module):
         self.dense = nn.Linear(self.n_heads * self.head_dim, C, bias=config.bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
-        """positions (T,) and mask (T, max_len): given when decoding with the KV cache."""
+    def forward(self, x, cos, sin, positions: torch.Tensor | None = None, mask=None):
+        """positions (T,) and mask (T, max_len): given when decoding with the KV cache. mask alone:
+        packed rows' attention mask (qlora.attention.document_mask)."""
         B, T, _ = x.shape
         g = self.n_heads // self.n_kv_heads                 # query heads per K/V head
         # The fused output holds, for each K/V group, its g query heads then its key and its value.
@@ -154,16 +158,14 @@ class Attention(nn.Module):
         k = qkv[:, :, :, g].transpose(1, 2)                                               # (B, nkv, T, hd)
         v = qkv[:, :, :, g + 1].transpose(1, 2)                                           # (B, nkv, T, hd)
         if use_kernel(q, ROPE_DTYPES, cuda_only=True) and q.dtype == k.dtype == cos.dtype == sin.dtype:
-            q, k = apply_rope_qk(q, k, cos, sin)                                          # one kernel, same bits
+            q, k = apply_rope_fused(q, k, cos, sin)                                       # one kernel, same bits
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if positions is not None:
             k, v = self.kv_cache.update(positions, k, v)                                  # (B, nkv, max_len, hd)
-        is_causal = mask is None and T > 1
-        # Query head h reads K/V head h // g: the group order of the fused layout above.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)   # (B, nh, T, hd)
+        # Query head h reads K/V head h // g: the group order of the fused layout above (attend's GQA).
+        y = attend(q, k, v, mask)                                                          # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)                  # (B, T, nh*hd)
         return self.dense(y)
 
@@ -196,7 +198,7 @@ class Block(nn.Module):
             if not self.parallel:
                 self.post_attention_layernorm = nn.LayerNorm(C, eps)
 
-    def forward(self, x, cos, sin, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+    def forward(self, x, cos, sin, positions: torch.Tensor | None = None, mask=None):
         if not self.parallel:
             x = x + self.self_attention(self.input_layernorm(x), cos, sin, positions, mask)
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -230,16 +232,19 @@ class Falcon(nn.Module):
         self.gradient_checkpointing = False                 # as in llama/model.py
 
     def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or hidden states (B, T, C) if return_hidden.
-        start_pos as in Llama.forward: None (no cache) or the position of input_ids[:, 0] in the cache."""
-        positions, cache_positions, mask = cache_inputs(input_ids, start_pos, self.transformer.h[0].self_attention.kv_cache)
+        start_pos as in Llama.forward: None (no cache) or the position of input_ids[:, 0] in the cache;
+        position_ids and segment_ids (B, T) as there: packed rows."""
+        positions, cache_positions, mask = cache_inputs(input_ids, start_pos, self.transformer.h[0].self_attention.kv_cache,
+                                                        position_ids, segment_ids)
         x = self.transformer.word_embeddings(input_ids)                                 # (B, T, C)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)                      # (T, hd) each
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)                      # (T, hd) or (B, T, hd)
         use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled() and start_pos is None
         for layer in self.transformer.h:
             if use_checkpoint:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, None, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache_positions, mask)
         x = self.transformer.ln_f(x)                                                     # (B, T, C)

@@ -10,6 +10,9 @@ every linear layer of the block (paper section 4, "QLoRA vs. standard finetuning
     model.setup_cache(B, max_len)       then model(ids, start_pos=p) writes and reads the KV cache
                                         (p an int, or a 0-d tensor for a CUDA-graphed decode step)
     model(ids, return_hidden=True)      -> final hidden states (B, T, C) before lm_head
+    model(ids, position_ids=P, segment_ids=S)   packed rows (sample_packing): per-row positions P
+                                        (B, T) and block-diagonal causal attention within each
+                                        row S (B, T) (qlora/attention.py)
 
 RMSNorm, RoPE and SwiGLU run as fused Triton kernels (kernels/rmsnorm.py, rope.py, swiglu.py; the
 H100 step profile: norms 71 -> 7 ms, RoPE 50 -> about 5 ms) where kernels.common.use_kernel, the
@@ -29,6 +32,7 @@ from kernels.common import use_kernel
 from kernels.rmsnorm import NORM_DTYPES, rms_norm
 from kernels.rope import ROPE_DTYPES, apply_rope_qk
 from kernels.swiglu import SWIGLU_DTYPES, swiglu
+from qlora.attention import attend, document_mask
 
 # ----------------------------------------------------------------------------- config
 
@@ -147,19 +151,39 @@ def rope_inv_freq(config: LlamaConfig, device=None) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin [T, head_dim] for integer positions [T], computed in fp32 and cast to `dtype`."""
-    freqs = positions.float()[:, None] * inv_freq[None, :]   # (T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)                   # (T, hd): HF layout, halves not pairs
+    """cos, sin [T, head_dim] for integer positions [T] (or [B, T, head_dim] for per-row positions
+    [B, T]), computed in fp32 and cast to `dtype`."""
+    freqs = positions.float()[..., None] * inv_freq           # (T, hd/2) or (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)                   # (..., hd): HF layout, halves not pairs
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, hd) by position. HF checkpoints pair dim i with dim i + hd/2 (rotate_half)."""
+    """Rotate x (B, H, T, hd) by position. HF checkpoints pair dim i with dim i + hd/2 (rotate_half).
+
+    cos, sin: (T, hd), or (B, T, hd) when each row has its own positions (packed rows)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]                 # (B, 1, T, hd): every head alike
     x1, x2 = x.chunk(2, dim=-1)                               # (B, H, T, hd/2) each
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 # ----------------------------------------------------------------------------- layers
+
+def apply_rope_fused(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The fused RoPE kernel on q (B, nh, T, hd), k (B, nkv, T, hd); cos, sin (T, hd) or (B, T, hd).
+
+    The kernel takes one (T, hd) table shared by the batch; per-row tables (packed rows) are run as
+    one row of B*T positions: (B, H, T, hd) views of the projections become (1, H, B*T, hd) views.
+    """
+    if cos.dim() == 2:
+        return apply_rope_qk(q, k, cos, sin)
+    B, _, T, hd = q.shape
+    flat = lambda x: x.transpose(1, 2).reshape(1, B * T, x.shape[1], hd).transpose(1, 2)   # (1, H, B*T, hd)
+    unflat = lambda x: x.transpose(1, 2).reshape(B, T, x.shape[1], hd).transpose(1, 2)     # (B, H, T, hd)
+    q, k = apply_rope_qk(flat(q), flat(k), cos.reshape(B * T, hd), sin.reshape(B * T, hd))
+    return unflat(q), unflat(k)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -198,16 +222,23 @@ class KVCache(nn.Module):
         return self.k[:B], self.v[:B]
 
 
-def cache_inputs(input_ids: torch.Tensor, start_pos: int | torch.Tensor | None, cache: "KVCache | None"):
+def cache_inputs(input_ids: torch.Tensor, start_pos: int | torch.Tensor | None, cache: "KVCache | None",
+                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None):
     """positions (T,) of the tokens, and for a cached forward the positions to write and the mask.
 
-    start_pos=None: no cache, positions 0..T-1, (positions, None, None): SDPA's causal mask. An int
+    start_pos=None: no cache, positions 0..T-1, (positions, None, None): causal attention. An int
     (or a 0-d int64 tensor, which a CUDA graph can update in place): the tokens sit at
     start_pos..start_pos+T-1 and attend to every earlier cached position, (positions, positions,
     mask (T, max_len)). A tensor start_pos is not range-checked (that would read it back to the host).
+    position_ids and segment_ids (B, T), both or neither, no cache: packed rows, (position_ids, None,
+    their block-diagonal causal mask from qlora.attention.document_mask).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    if (position_ids is None) != (segment_ids is None) or (segment_ids is not None and start_pos is not None):
+        raise ValueError("packed rows need position_ids and segment_ids together, and no start_pos")
+    if segment_ids is not None:
+        return position_ids, None, document_mask(segment_ids)                    # (B, T), per-row mask
     B, T = input_ids.shape
     positions = torch.arange(T, device=input_ids.device) + (0 if start_pos is None else start_pos)  # (T,)
     if start_pos is None:
@@ -236,25 +267,24 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
-        """positions (T,) and mask (T, max_len): given when decoding with the KV cache."""
+    def forward(self, x, cos, sin, positions: torch.Tensor | None = None, mask=None):
+        """positions (T,) and mask (T, max_len): given when decoding with the KV cache. mask alone:
+        packed rows' attention mask (qlora.attention.document_mask)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if use_kernel(q, ROPE_DTYPES, cuda_only=True) and q.dtype == k.dtype == cos.dtype == sin.dtype:
-            q, k = apply_rope_qk(q, k, cos, sin)                                       # one kernel, same bits
+            q, k = apply_rope_fused(q, k, cos, sin)                                    # one kernel, same bits
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if positions is not None:
             k, v = self.kv_cache.update(positions, k, v)                               # (B, nkv, max_len, hd)
-        # Without a cache the T keys are the T queries: SDPA's causal mask. With one, the mask says
-        # which of the max_len cached positions each query sees.
-        is_causal = mask is None and T > 1
-        # Grouped-query attention: each of the n_kv_heads serves n_heads / n_kv_heads query heads.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, T, hd)
+        # Without a cache or packed rows the T keys are the T queries: causal. With a cache, the mask
+        # says which of the max_len cached positions each query sees; with packed rows, which keys of
+        # its own row. Grouped-query attention: each kv head serves n_heads / n_kv_heads query heads.
+        y = attend(q, k, v, mask)                                                       # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)               # (B, T, nh*hd)
         return self.o_proj(y)
 
@@ -283,7 +313,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+    def forward(self, x, cos, sin, positions: torch.Tensor | None = None, mask=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -313,21 +343,24 @@ class Llama(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or hidden states (B, T, C) if return_hidden.
 
         start_pos=None: no cache, positions 0..T-1. An int (or a 0-d int64 tensor on the model's
         device, which a CUDA graph can update in place): the tokens sit at start_pos..start_pos+T-1,
         their keys/values go into the cache (see setup_cache) and they attend to every earlier position.
         A tensor start_pos is not range-checked (that would read it back to the host).
+        position_ids and segment_ids (B, T), both or neither, no cache: packed rows (see the top).
         """
-        positions, cache_positions, mask = cache_inputs(input_ids, start_pos, self.model.layers[0].self_attn.kv_cache)
+        positions, cache_positions, mask = cache_inputs(input_ids, start_pos, self.model.layers[0].self_attn.kv_cache,
+                                                        position_ids, segment_ids)
         x = self.model.embed_tokens(input_ids)                                         # (B, T, C)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)                     # (T, hd) each
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)                     # (T, hd) or (B, T, hd)
         use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled() and start_pos is None
         for layer in self.model.layers:
             if use_checkpoint:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, None, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache_positions, mask)
         x = self.model.norm(x)                                                          # (B, T, C)

@@ -51,6 +51,11 @@ class Tokenizer:
         """The file that makes this tokenizer, to copy beside an adapter or an exported model."""
         return {"tokenizer.model": self.sp.serialized_model_proto()}
 
+    def special_tokens(self) -> dict[str, str | None]:
+        """The bos/eos/unk/pad tokens as strings (None: the tokenizer has none), by axolotl's key names."""
+        ids = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.sp.unk_id(), "pad_token": self.pad_id}
+        return {key: self.sp.id_to_piece(i) if i >= 0 else None for key, i in ids.items()}
+
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_path: str | Path) -> Path:
     """Train a BPE sentencepiece model on `texts` with Llama's special ids (unk 0, bos 1, eos 2)."""
@@ -102,6 +107,7 @@ class BPETokenizer:
         self.bos_id = self._id(special.get("bos_token"))
         self.eos_id = self._id(special.get("eos_token") or ENDOFTEXT)
         self.pad_id = self._id(special.get("pad_token"))
+        self.unk_id = self._id(special.get("unk_token"))
         if self.eos_id is None:
             raise ValueError(f"{path} has no end-of-text token (no eos_token in {self.config_path.name} and no "
                              f"{ENDOFTEXT!r}): add tokenizer_config.json with an eos_token")
@@ -132,6 +138,11 @@ class BPETokenizer:
         if self.config_path.is_file():
             out[self.config_path.name] = self.config_path.read_bytes()
         return out
+
+    def special_tokens(self) -> dict[str, str | None]:
+        """The bos/eos/unk/pad tokens as strings (None: the tokenizer has none), by axolotl's key names."""
+        ids = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.unk_id, "pad_token": self.pad_id}
+        return {key: None if i is None else self.tk.id_to_token(i) for key, i in ids.items()}
 
 
 def load_tokenizer(path) -> "Tokenizer | BPETokenizer":

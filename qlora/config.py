@@ -1,12 +1,25 @@
 """The training configuration: one dataclass, filled from a YAML file and the command line.
 
-The YAML file may use the keys of an axolotl config (e.g. the seed's sql.yml) that make sense here;
-other keys are reported in one warning and ignored. Contradictory keys are an error.
+An axolotl YAML (the seed's configs/sql.yml) runs as it is. Each key is either
+* honoured as axolotl honours it (a TrainConfig field below, or an ALIASES name of one);
+* known to axolotl but without effect here (AXOLOTL_IGNORED: why, for each) - all such keys that
+  the file sets are named in one warning;
+* known to axolotl and not supported here with the value given (AXOLOTL_REFUSED: deepspeed,
+  fsdp, 8-bit loading, ...) - an error, since ignoring it would train something else;
+* unknown (a typo such as lerning_rate): an error naming the key and the nearest known one, or
+  with `strict: false` a warning.
+`strict` means what it means in axolotl too: with strict (our default) a command-line --key must
+name a key the YAML file has; `strict: false` lets the command line add any key.
+
+Keys a YAML file leaves out get axolotl's defaults where ours differ (FILE_DEFAULTS: no max_steps
+means num_epochs decides; no save_steps / eval_steps means at the end of each epoch). Without a
+file the defaults are the demo's (python train.py). Empty keys (`save_steps:`) count as left out.
 """
 
 import argparse
 import copy
 import dataclasses
+import difflib
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -19,7 +32,7 @@ DEFAULT_MODEL = "configs/tiny-llama.json"  # a small randomly initialised Llama,
 
 def option(default, help: str):
     """A TrainConfig field: its default and the one-line meaning that `train.py --help` prints."""
-    if isinstance(default, list):
+    if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
@@ -35,12 +48,16 @@ class TrainConfig:
     adapter: str = option("qlora", "qlora (4-bit base) or lora (bf16/fp32 base)")
     # data
     datasets: list = option([{"path": "builtin:sql", "type": "context_qa"}],
-                            "rows to train on: [{path, type}]; on the command line PATH or PATH:alpaca")
+                            "rows to train on: [{path, type, data_files?, train_on_split?}]; on the command "
+                            "line PATH or PATH:TYPE (context_qa, context_qa.load_v2, alpaca, ...)")
     val_set_size: float = option(0.05, "held-out rows for eval: a fraction (< 1) or a number of rows (>= 1)")
-    sequence_len: int = option(256, "tokens per training sequence; longer rows are cut")
+    dataset_prepared_path: str = option("", "a folder caching the tokenized dataset, keyed by what made it")
+    sequence_len: int = option(256, "tokens per training sequence; longer rows are dropped (as axolotl)")
     pad_to_sequence_len: bool = option(False, "pad every batch to sequence_len (fixed shapes)")
-    sample_packing: bool = option(False, "pack several rows into one sequence")
+    sample_packing: bool = option(False, "pack rows into sequence_len, kept apart (own positions and attention)")
+    group_by_length: bool = option(False, "micro-batches of rows of similar length (less padding)")
     train_on_inputs: bool = option(False, "take the loss on the prompt too, not only on the completion")
+    special_tokens: dict = option({}, "bos_token/eos_token/unk_token/pad_token: must be the tokenizer's own")
     # LoRA (paper eq. 5-6)
     lora_r: int = option(16, "LoRA rank r")
     lora_alpha: float = option(32, "LoRA alpha: the update is scaled by alpha / r")
@@ -48,37 +65,68 @@ class TrainConfig:
     lora_target_linear: bool = option(True, "adapt all linear layers but lm_head")
     lora_target_modules: list = option([], "or adapt these (Llama: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
                                            "down_proj; Falcon: query_key_value, dense, dense_h_to_4h, dense_4h_to_h)")
+    lora_model_dir: str = option("", "an adapter to continue training (its r, alpha and targets); empty: a new one")
     # optimisation
     optimizer: str = option("paged_adamw_32bit", "paged_adamw_32bit (state in CUDA managed memory) or adamw_torch")
     learning_rate: float = option(1e-3, "peak learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
     lr_scheduler: str = option("cosine", "cosine (decay to 0 after warm-up) or constant")
-    warmup_steps: int = option(10, "optimizer steps of linear warm-up")
+    warmup_steps: int = option(10, "optimizer steps of linear warm-up from 0 (as transformers)")
     warmup_ratio: float = option(0.0, "if > 0: warm up over this fraction of the steps instead (rounded up)")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this")
     micro_batch_size: int = option(8, "sequences per forward/backward")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
     num_epochs: float = option(1.0, "passes over the training rows (when max_steps is 0)")
-    max_steps: int = option(120, "optimizer steps to run; 0: run num_epochs")
+    max_steps: int = option(120, "optimizer steps to run; 0: run num_epochs (the default with a --config file)")
     bf16: str | bool = option("auto", "bf16 compute: true, false or auto (where the GPU supports it)")
     fp16: bool = option(False, "fp16 compute with loss scaling instead")
+    tf32: bool = option(False, "TF32 for fp32 matmuls on CUDA")
     gradient_checkpointing: bool = option(False, "recompute each block's activations in backward (less memory)")
     # bookkeeping
     output_dir: str = option("out/demo", "where metrics, checkpoints and the adapter go")
     logging_steps: int = option(10, "print a line every this many steps")
-    eval_steps: int = option(40, "evaluate on the held-out rows every this many steps")
-    save_steps: int = option(60, "write a checkpoint every this many steps")
+    eval_steps: int = option(40, "evaluate on the held-out rows every this many steps; 0: each epoch's end")
+    eval_table_size: int = option(0, "at each eval, greedy answers for this many held-out rows (table + metrics)")
+    early_stopping_patience: int = option(0, "stop after this many evals without a better eval_loss; 0: never")
+    save_steps: int = option(60, "write a checkpoint every this many steps; 0: each epoch's end")
     resume_from_checkpoint: str | bool = option(False, "a checkpoint-N directory, or true for the latest in output_dir")
     seed: int = option(42, "seed of the data order, LoRA init, dropout and (demo) the random base")
     device: str = option("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    strict: bool = option(True, "unknown keys are errors and --key must be a key of the --config file "
+                                "(axolotl's strict); false: warnings, and the command line may add keys")
 
     @property
     def lora_targets(self) -> list[str] | str:
         return "all-linear" if self.lora_target_linear else list(self.lora_target_modules)
 
 
-# axolotl keys we read under another name or that mean nothing here but are harmless
+# axolotl keys we read under another name
 ALIASES = {"lr": "learning_rate", "epochs": "num_epochs"}
+# Defaults of a run from a YAML file where axolotl's differ from the demo's.
+FILE_DEFAULTS = {"max_steps": 0, "eval_steps": 0, "save_steps": 0, "val_set_size": 0.0}
+_SAME_ARCH = "the architecture and tokenizer come from the checkpoint (config.json, tokenizer.model or tokenizer.json)"
+_NO_WANDB = "no Weights & Biases logging here: metrics go to output_dir/metrics.jsonl"
+# axolotl keys that change nothing here, and why (named in one warning when a file sets them).
+AXOLOTL_IGNORED = {
+    "base_model_config": _SAME_ARCH, "model_type": _SAME_ARCH, "tokenizer_type": _SAME_ARCH,
+    "is_llama_derived_model": _SAME_ARCH, "trust_remote_code": _SAME_ARCH,
+    "flash_attention": "attention is SDPA's flash kernel (FlexAttention for packed rows) anyway",
+    "xformers_attention": "attention is SDPA's flash kernel (FlexAttention for packed rows) anyway",
+    "sdp_attention": "attention is SDPA anyway",
+    "wandb_project": _NO_WANDB, "wandb_entity": _NO_WANDB, "wandb_watch": _NO_WANDB,
+    "wandb_run_id": _NO_WANDB, "wandb_log_model": _NO_WANDB, "wandb_name": _NO_WANDB,
+    "local_rank": "one process, one GPU", "debug": "no debug dump of tokenized rows",
+    "dataset_processes": "tokenizing runs in this process",
+}
+# axolotl keys whose given value this trainer cannot honour: (the values that are fine, the fix).
+AXOLOTL_REFUSED = {
+    "load_in_8bit": ((False,), "8-bit loading is not supported: use load_in_4bit (QLoRA) or adapter: lora"),
+    "lora_fan_in_fan_out": ((False,), "the linear weights are (out, in): leave lora_fan_in_fan_out empty"),
+    "deepspeed": ((), "DeepSpeed is not supported (one GPU): remove deepspeed"),
+    "fsdp": ((), "FSDP is not supported (one GPU): remove fsdp"),
+    "fsdp_config": ((), "FSDP is not supported (one GPU): remove fsdp_config"),
+}
+DATASET_KEYS = ("path", "type", "data_files", "train_on_split")
 
 
 def _coerce(name: str, value, default):
@@ -107,6 +155,10 @@ def _coerce(name: str, value, default):
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if kind is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
         if kind is list:
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
@@ -142,13 +194,13 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         bad(f"optimizer {cfg.optimizer!r} is not supported: use paged_adamw_32bit or adamw_torch")
     if cfg.lr_scheduler not in ("cosine", "constant"):
         bad(f"lr_scheduler {cfg.lr_scheduler!r} is not supported: use cosine or constant")
-    for name in ("lora_r", "micro_batch_size", "gradient_accumulation_steps", "sequence_len",
-                 "logging_steps", "eval_steps", "save_steps"):
+    for name in ("lora_r", "micro_batch_size", "gradient_accumulation_steps", "sequence_len", "logging_steps"):
         if getattr(cfg, name) <= 0:
             bad(f"{name} must be > 0, got {getattr(cfg, name)}")
     if cfg.warmup_ratio >= 1:
         bad(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
-    for name in ("warmup_ratio", "warmup_steps", "max_steps", "weight_decay", "lora_dropout", "val_set_size", "max_grad_norm"):
+    for name in ("warmup_ratio", "warmup_steps", "max_steps", "weight_decay", "lora_dropout", "val_set_size",
+                 "max_grad_norm", "eval_steps", "save_steps", "eval_table_size", "early_stopping_patience"):
         if getattr(cfg, name) < 0:
             bad(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.lora_dropout < 1:
@@ -161,7 +213,12 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         bad("datasets must be a non-empty list of {path, type}")
     for i, d in enumerate(cfg.datasets):
         if not isinstance(d, dict) or "path" not in d:
-            bad(f"datasets[{i}] needs a 'path' (and a 'type': context_qa or alpaca)")
+            bad(f"datasets[{i}] needs a 'path' (and a 'type': context_qa, context_qa.load_v2, alpaca, ...)")
+        from qlora.prompts import check_type
+        check_type(d.get("type", "context_qa"))
+    unknown = [k for k in cfg.special_tokens if k not in ("bos_token", "eos_token", "unk_token", "pad_token")]
+    if unknown:
+        bad(f"special_tokens {unknown} are not supported: only bos_token, eos_token, unk_token, pad_token")
     return check_values(cfg)
 
 
@@ -175,21 +232,53 @@ def check_values(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown(message: str, strict: bool) -> None:
+    if strict:
+        raise ValueError(f"config: {message}; fix it, or set strict: false to only warn")
+    warnings.warn(f"config: {message}: ignored (strict: false)", stacklevel=3)
+
+
 def from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
-    """Fill a TrainConfig from a dict of axolotl-style keys; warn once about unknown keys."""
+    """Fill a TrainConfig from a dict of axolotl-style keys (see the top for what each kind of key does)."""
     cfg = base or TrainConfig()
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    updates, unknown = {}, []
+    strict = _coerce("strict", values.get("strict"), cfg.strict)
+    known = set(fields) | set(ALIASES) | set(AXOLOTL_IGNORED) | set(AXOLOTL_REFUSED)
+    updates, ignored = {}, []
     for key, value in values.items():
-        key = ALIASES.get(key, key)
-        if key not in fields:
-            unknown.append(key)
+        if key in AXOLOTL_REFUSED:
+            allowed, fix = AXOLOTL_REFUSED[key]
+            if value not in (None, "", *allowed):
+                raise ValueError(f"config: {key}: {value!r}: {fix}")
             continue
-        updates[key] = _coerce(key, value, getattr(cfg, key))
-    if unknown:
-        warnings.warn(f"ignoring config keys this trainer does not use: {', '.join(sorted(unknown))}",
-                      stacklevel=2)
-    return _validate(dataclasses.replace(cfg, **updates))
+        if key in AXOLOTL_IGNORED:
+            if value not in (None, ""):
+                ignored.append(key)
+            continue
+        name = ALIASES.get(key, key)
+        if name not in fields:
+            _unknown(f"unknown key {key!r}{_suggest(key, known)}", strict)
+            continue
+        updates[name] = _coerce(name, value, getattr(cfg, name))
+    if ignored:
+        reasons = {}
+        for key in ignored:
+            reasons.setdefault(AXOLOTL_IGNORED[key], []).append(key)
+        warnings.warn("ignoring axolotl keys that change nothing here: " +
+                      "; ".join(f"{', '.join(keys)} ({why})" for why, keys in reasons.items()), stacklevel=2)
+    cfg = dataclasses.replace(cfg, **updates)
+    for i, spec in enumerate(cfg.datasets if isinstance(cfg.datasets, list) else []):
+        for key in (spec if isinstance(spec, dict) else {}):
+            if key not in DATASET_KEYS:
+                _unknown(f"datasets[{i}]: unknown key {key!r}{_suggest(key, DATASET_KEYS)}", strict)
+        if isinstance(spec, dict) and spec.get("train_on_split") is None:
+            spec.pop("train_on_split", None)
+    return _validate(cfg)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -218,11 +307,21 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.add_argument(f"--{f.name}", default=None, metavar="V", help=meaning.replace("%", "%%"))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     values = load_yaml(args.config) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    cli = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    if args.config and _coerce("strict", cli.get("strict", values.get("strict")), True):
+        # axolotl's strict: the command line may only override keys the file has
+        extra = [k for k in cli if k not in values and k != "strict"]
+        if extra:
+            raise ValueError(f"config: --{extra[0]} is not a key of {args.config}, which sets strict: true "
+                             "(the default): add the key to the file, or set strict: false")
+    values.update(cli)
     if isinstance(values.get("datasets"), str):  # --datasets rows.jsonl or rows.jsonl:alpaca
+        from qlora.prompts import REQUIRED_FIELDS
         path, kind = values["datasets"], "context_qa"
-        for known in ("context_qa", "alpaca"):
+        for known in sorted(REQUIRED_FIELDS, key=len, reverse=True):
             if path.endswith(":" + known):
                 path, kind = path[: -len(known) - 1], known
+                break
         values["datasets"] = [{"path": path, "type": kind}]
-    return from_dict(values)
+    base = dataclasses.replace(TrainConfig(), **FILE_DEFAULTS) if args.config else None
+    return from_dict(values, base)

@@ -1,6 +1,7 @@
 """The training step's setup, shared by train.py and bench/train_step.py (so the benchmark times
 train.py's code): device and compute dtype, optimizer and learning-rate schedule, autocast and
-loss scaling, the optimizer step, and peak memory (GPU allocated, or the process's RSS on the CPU).
+loss scaling, token-weighted gradient accumulation, the optimizer step, and peak memory (GPU
+allocated, or the process's RSS on the CPU).
 """
 
 import math
@@ -10,6 +11,7 @@ from contextlib import nullcontext
 import torch
 
 from qlora.config import TrainConfig
+from qlora.loss import label_count
 from qlora.paged_adamw import PagedAdamW
 
 
@@ -55,14 +57,16 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
 
 
 def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warm-up to the peak learning rate, then cosine decay to 0 (or constant)."""
+    """transformers' schedules (get_cosine_schedule_with_warmup, what axolotl runs): lr rises
+    linearly from 0 over the warm-up (step 0 has lr 0; warmup_steps, or warmup_ratio of the run),
+    then cosine decay to 0 (or constant)."""
     warmup = warmup_steps(cfg, total_steps)
     if step < warmup:
-        return (step + 1) / (warmup + 1)
+        return step / max(1, warmup)
     if cfg.lr_scheduler == "constant":
         return 1.0
     progress = (step - warmup) / max(1, total_steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
 def make_optimizer(params: list, cfg: TrainConfig, total_steps: int):
@@ -93,6 +97,22 @@ def mixed_precision(device: torch.device, dtype: torch.dtype):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     return autocast, scaler
+
+
+def accumulate_gradients(micro_batches: list[dict], loss_of, backward) -> float:
+    """Backward over one optimizer step's micro-batches, token-weighted -> the step's loss.
+
+    loss_of(batch, num_items) is the batch's token-loss sum / num_items, the label tokens of the
+    whole step (qlora/loss.py), so the accumulated gradient is that of one batch holding every
+    micro-batch's rows (transformers >= 4.46 does the same).
+    """
+    num_items = sum(label_count(b["labels"]) for b in micro_batches)
+    total = 0.0
+    for batch in micro_batches:
+        loss = loss_of(batch, num_items)
+        backward(loss)
+        total += loss.item()
+    return total
 
 
 def optimizer_step(optimizer, scaler, scheduler, params, max_grad_norm: float) -> tuple[float, float]:

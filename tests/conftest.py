@@ -106,6 +106,34 @@ def bitsandbytes_on_its_generic_cpu_path():
 bitsandbytes_on_its_generic_cpu_path()
 
 
+def float64_lora_llama(variant: str = "mha", seed: int = 0, r: int = 4):
+    """Our Llama with the TINY config (+ a VARIANTS entry), LoRA on every linear layer, in float64.
+
+    B is random (not PEFT's zeros) so the adapters change the output and every A and B gets a
+    gradient; dropout 0 so the exact comparisons are deterministic.
+    """
+    from llama.model import Llama, LlamaConfig
+
+    torch.manual_seed(seed)
+    model = Llama(LlamaConfig(**{k: v for k, v in {**TINY, **VARIANTS[variant]}.items()
+                                 if k != "initializer_range"}))
+    return random_lora_float64(model, r)
+
+
+def random_lora_float64(model, r: int):
+    """model with N(0, 0.1) weights, LoRA (r, alpha 2r, random B, no dropout) on every linear layer, float64."""
+    from qlora.lora import apply_lora, lora_layers
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    apply_lora(model, "all-linear", r=r, alpha=2 * r, verbose=False)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_b.normal_(0, 0.1)
+    return model.double()
+
+
 # Falcon: hidden 72 = 6 heads of 12, 2 layers, vocab 128; the variants are the shapes FalconConfig describes.
 TINY_FALCON = dict(vocab_size=128, hidden_size=72, num_attention_heads=6, num_hidden_layers=2,
                    max_position_embeddings=256, layer_norm_epsilon=1e-5, bos_token_id=11, eos_token_id=11,
@@ -134,6 +162,16 @@ def write_tiny_falcon(path, seed: int = 0, dtype=torch.float32, max_shard_size=N
     kwargs = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
     model.save_pretrained(path, safe_serialization=True, **kwargs)
     return path
+
+
+def float64_lora_falcon(variant: str = "7b", seed: int = 0, r: int = 4):
+    """Our Falcon with the TINY_FALCON config (+ a FALCON_VARIANTS entry), as float64_lora_llama."""
+    from falcon.model import Falcon, FalconConfig
+
+    torch.manual_seed(seed)
+    model = Falcon(FalconConfig(**{k: v for k, v in {**TINY_FALCON, **FALCON_VARIANTS[variant]}.items()
+                                   if k != "initializer_range"}))
+    return random_lora_float64(model, r)
 
 
 @pytest.fixture

@@ -35,30 +35,11 @@ def chars(text: str) -> list[int]:
 
 # ----------------------------------------------------------------------------- templates and labels
 
-def test_context_qa_prompt_and_completion_are_exact():
-    prompt, completion = format_row(ROW, "context_qa")
-    assert prompt == ("SYSTEM: Use the following contextual information to concisely answer the question.\n\n"
-                      "USER: CREATE TABLE head (age INTEGER)\n===\nHow many heads are older than 56?\nASSISTANT:")
-    assert completion == " SELECT COUNT(*) FROM head WHERE age > 56"  # EOS is an id, not "</s>" text
-
-
-def test_alpaca_template_with_and_without_input():
-    prompt, completion = format_row({"instruction": "Add.", "input": "2 and 3", "output": "5"}, "alpaca")
-    assert prompt == ("Below is an instruction that describes a task, paired with an input that provides further "
-                      "context. Write a response that appropriately completes the request.\n\n"
-                      "### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n")
-    assert completion == "5"
-    for row in ({"instruction": "Say hi.", "input": "", "output": "hi"}, {"instruction": "Say hi.", "output": "hi"}):
-        prompt, _ = format_row(row, "alpaca")
-        assert prompt == ("Below is an instruction that describes a task. Write a response that appropriately "
-                          "completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:\n")
-
-
 def test_prompt_labels_are_masked_token_by_token():
     prompt, completion = format_row(ROW, "context_qa")
-    (example,), truncated = tokenize_rows([ROW], "context_qa", CharTokenizer(), sequence_len=1000)
-    expected_ids = [1] + chars(prompt + completion) + [2]
-    assert truncated == 0 and example.input_ids == expected_ids
+    (example,), dropped = tokenize_rows([ROW], "context_qa", CharTokenizer(), sequence_len=1000)
+    expected_ids = [1] + chars(prompt) + chars(completion) + [2]   # prompt and response encoded apart
+    assert dropped == 0 and example.input_ids == expected_ids
     n_prompt = 1 + len(prompt)  # BOS + one id per prompt character
     for i, (token, label) in enumerate(zip(example.input_ids, example.labels)):
         assert label == (IGNORE_INDEX if i < n_prompt else token), i
@@ -89,28 +70,21 @@ def test_llama_tokenizer_mask_splits_prompt_from_answer():
     learned = [l for l in example.labels if l != IGNORE_INDEX]
     assert masked[0] == sp.bos_id() and sp.decode(masked[1:]) == prompt
     assert learned[-1] == sp.eos_id() and sp.decode(learned[:-1]) == ROW["answer"]
-    # encoding the prompt alone gives a prefix of the whole text's ids, so the mask sits on a boundary
-    assert example.input_ids[:n_prompt] == [sp.bos_id()] + sp.encode(prompt)
+    # as axolotl: the prompt and the response are encoded apart (the answer starts a new "▁" word)
+    assert example.input_ids == [sp.bos_id()] + sp.encode(prompt) + sp.encode(completion) + [sp.eos_id()]
+    assert n_prompt == 1 + len(sp.encode(prompt))
 
 
 # ----------------------------------------------------------------------------- lengths
 
-def test_truncation_cuts_the_completion_and_counts_rows():
-    rows = [ROW, dict(ROW, answer="SELECT 1")]
+def test_rows_longer_than_sequence_len_are_dropped_and_counted():
+    rows = [ROW, dict(ROW, answer="SELECT 1"), dict(ROW, context="short", answer="SELECT 1")]
     prompt, _ = format_row(ROW, "context_qa")
-    sequence_len = 1 + len(prompt) + 10  # room for 10 answer tokens: " SELECT 1" + EOS just fits
-    examples, truncated = tokenize_rows(rows, "context_qa", CharTokenizer(), sequence_len)
-    assert truncated == 1
-    assert examples[0].input_ids == ([1] + chars(prompt + " " + ROW["answer"]))[:sequence_len]
-    assert examples[0].labels[-10:] == chars(" SELECT CO")
-    assert examples[1].input_ids[-1] == 2 and len(examples[1].input_ids) == 1 + len(prompt) + 9 + 1
-
-
-def test_prompt_that_fills_sequence_len_is_an_error_naming_the_row():
-    rows = [dict(ROW, context="short"), ROW]
-    prompt, _ = format_row(ROW, "context_qa")
-    with pytest.raises(ValueError, match=r"row 2 of the dataset: its prompt is \d+ tokens"):
-        tokenize_rows(rows, "context_qa", CharTokenizer(), sequence_len=1 + len(prompt))
+    sequence_len = 1 + len(prompt) + len("SELECT 1") + 1          # exactly row 2's length
+    examples, dropped = tokenize_rows(rows, "context_qa", CharTokenizer(), sequence_len)
+    assert dropped == 1 and examples[0] is None                   # dropped whole, as axolotl does
+    assert examples[1].input_ids == [1] + chars(prompt) + chars("SELECT 1") + [2]
+    assert len(examples[1].input_ids) == sequence_len and examples[2] is not None
 
 
 # ----------------------------------------------------------------------------- padding and packing
@@ -128,31 +102,25 @@ def test_collate_pads_to_sequence_len_or_to_the_longest():
         collate(examples, pad_id=0, pad_to=3)
 
 
-def test_packing_concatenates_whole_rows_and_keeps_prompt_masks():
+def test_packing_fills_sequences_with_whole_rows():
     rows = sql_rows(40, seed=3)
     examples, _ = tokenize_rows(rows, "context_qa", CharTokenizer(), sequence_len=700)
     packed = pack(examples, sequence_len=700)
     assert len(packed) < len(examples)
-    assert all(len(p.input_ids) <= 700 for p in packed)
-    # nothing lost or reordered
-    assert sum((p.input_ids for p in packed), []) == sum((e.input_ids for e in examples), [])
-    assert sum((p.labels for p in packed), []) == sum((e.labels for e in examples), [])
-    # greedy: the next row would not have fit in the previous sequence
-    lengths = [len(e.input_ids) for e in examples]
-    boundaries, i = [], 0
+    assert all(len(p.input_ids) <= 700 and sum(p.seq_lens) == len(p.input_ids) for p in packed)
+    # nothing lost: the same multiset of tokens and of label-carrying tokens (first labels masked)
+    assert sorted(sum((p.input_ids for p in packed), [])) == sorted(sum((e.input_ids for e in examples), []))
+    assert sorted(sum((p.labels for p in packed), [])) == sorted(sum(([IGNORE_INDEX] + e.labels[1:]
+                                                                      for e in examples), []))
+    # each sequence starts a row with BOS; after every EOS comes the next row's BOS, its label masked
     for p in packed:
-        start, total = i, 0
-        while i < len(lengths) and total + lengths[i] <= len(p.input_ids):
-            total += lengths[i]
-            i += 1
-        boundaries.append((start, i))
-        assert total == len(p.input_ids)
-        if i < len(lengths):
-            assert total + lengths[i] > 700
-        # after every EOS in a sequence comes the next row's BOS, whose label is masked
+        assert p.input_ids[0] == 1
         for j, token in enumerate(p.input_ids[:-1]):
             if token == 2:
                 assert p.input_ids[j + 1] == 1 and p.labels[j + 1] == IGNORE_INDEX
+    # best-fit decreasing: no two sequences could have been merged
+    lengths = sorted(len(p.input_ids) for p in packed)
+    assert lengths[0] + lengths[1] > 700
 
 
 # ----------------------------------------------------------------------------- batches
@@ -278,9 +246,10 @@ def test_prepare_builtin_sql_splits_tokenizes_and_keeps_val_rows():
     tok = CharTokenizer()
     data = prepare_data([{"path": "builtin:sql", "type": "context_qa"}], tok, sequence_len=512,
                         val_set_size=0.05, seed=42)
-    assert data.rows == 3000 and len(data.val) == 150 and len(data.train) == 2850 and data.truncated == 0
+    assert data.rows == 3000 and len(data.val) == 150 and len(data.train) == 2850 and data.dropped == 0
     for (row, kind), example in zip(data.val_rows, data.val):  # val rows line up with val examples
-        assert example.input_ids == tok.encode("".join(format_row(row, kind)), bos=True, eos=True)
+        prompt, response = format_row(row, kind)
+        assert example.input_ids == tok.encode(prompt, bos=True, eos=False) + tok.encode(response, False, True)
     packed = prepare_data([{"path": "builtin:sql", "type": "context_qa"}], tok, sequence_len=512,
                           val_set_size=0.05, seed=42, sample_packing=True)
     assert len(packed.train) < len(data.train) and packed.train_tokens == data.train_tokens

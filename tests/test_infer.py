@@ -212,6 +212,35 @@ def test_eval_on_builtin_sql_warns_that_those_are_training_rows(files, capsys, m
     assert "training rows" in warning and "python -m qlora.sql_dataset --held_out" in warning
 
 
+def test_prompt_format_comes_from_the_adapters_training_config(files, tmp_path, capsys, monkeypatch):
+    """An adapter trained on context_qa.load_v2 rows (the seed's type) is prompted "Context: ...\n
+    Question: ...\n" and its "Answer: " prefix is stripped before scoring; infer.py says which format."""
+    tokenizer = Tokenizer(files["tokenizer"])
+    adapter = tmp_path / "adapter"
+    shutil.copytree(files["ours"], adapter)
+    (adapter / "training_config.json").write_text(json.dumps({"datasets": [{"path": "x", "type": "context_qa.load_v2"}]}))
+    seen = []
+    gold = {f"Context: {row['context']}\nQuestion: {row['question']}\n": row["answer"] for row, _ in EVAL_ROWS}
+
+    def fake_generate(model, prompt_ids, *args, **kwargs):    # answers like a load_v2 adapter
+        prompts = [tokenizer.decode(ids) for ids in prompt_ids]
+        seen.extend(prompts)
+        return [tokenizer.encode("Answer: " + gold[p], bos=False) for p in prompts]
+
+    monkeypatch.setattr(infer, "generate", fake_generate)
+    write_jsonl([row for row, _ in EVAL_ROWS], tmp_path / "rows.jsonl")
+    table = run_infer(capsys, "--base", files["ckpt"], "--adapter", adapter, "--tokenizer", files["tokenizer"],
+                      "--eval", tmp_path / "rows.jsonl", "--batch_size", 4, "--max_new_tokens", 16)
+    assert f"{adapter} | 4 (rows.jsonl) | 4 (100.0%) | 4 (100.0%) |" in table     # the labelled row
+    row = EVAL_ROWS[0][0]
+    assert sorted(seen) == sorted(gold)                        # every prompt in the load_v2 format
+    assert infer.main([str(a) for a in ["--base", files["ckpt"], "--adapter", adapter, "--tokenizer",
+                                        files["tokenizer"], "--context", row["context"], "--question",
+                                        row["question"], "--max_new_tokens", 4]]) == 0
+    assert f"prompt format: context_qa.load_v2 ({adapter / 'training_config.json'})" in capsys.readouterr().err
+    assert seen[-1] == f"Context: {row['context']}\nQuestion: {row['question']}\n"
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_adapter_for_another_base_model_is_refused(files, tmp_path):
