@@ -26,7 +26,7 @@ STATE_FILE = "trainer_state.pt"
 MANIFEST = "checkpoint.json"
 
 # Config keys a checkpoint cannot continue under: they change which weights exist or what they mean.
-FIXED_KEYS = ("base_model", "adapter", "load_in_4bit", "lora_r", "lora_alpha", "lora_target_linear",
+FIXED_KEYS = ("base_model", "adapter", "load_in_4bit", "lora_model_dir", "lora_r", "lora_alpha", "lora_target_linear",
               "lora_target_modules")
 # Keys that change nothing in the numbers.
 FREE_KEYS = ("output_dir", "resume_from_checkpoint", "device", "logging_steps", "eval_steps", "save_steps")
