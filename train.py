@@ -166,9 +166,9 @@ def main(argv=None) -> int:
     else:
         tokenizer = load_tokenizer(model_dir(cfg.base_model))
     if tokenizer.vocab_size > hf_config["vocab_size"]:
-        raise ValueError(f"the tokenizer {cfg.tokenizer or 'of ' + str(out)} has {tokenizer.vocab_size} ids but the model "
-                         f"{cfg.base_model} only {hf_config['vocab_size']}: pass the --tokenizer that belongs to "
-                         "the base model")
+        which = cfg.tokenizer or f"in {out}"
+        raise ValueError(f"the tokenizer {which} has {tokenizer.vocab_size} ids but the model {cfg.base_model} only "
+                         f"{hf_config['vocab_size']}: pass the --tokenizer that belongs to the base model")
     check_special_tokens(cfg.special_tokens, tokenizer)
     # Saved beside every adapter (PEFT ignores them): what infer.py needs to rebuild the prompt
     # format, the tokenizer and (for the demo) the random base.

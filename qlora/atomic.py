@@ -218,6 +218,6 @@ def check_writable_dir(path, what: str = "output_dir") -> Path:
                          "or move the file")
     read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
     if read_only or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: {existing} is not writable{' (a read-only file system)' if read_only else ''}: "
-                         f"choose another {what}")
+        why = " (a read-only file system)" if read_only else ""
+        raise ValueError(f"{what} {path}: {existing} is not writable{why}: choose another {what}")
     return path
