@@ -267,6 +267,10 @@ def _sigint_during(monkeypatch, target, name, at_call: int):
     import signal
 
     real, calls = getattr(target, name), {"n": 0}
+    # The test needs Python's own SIGINT handler (KeyboardInterrupt): a parent that ignores SIGINT
+    # (a background job of a non-interactive shell) or an earlier test may have left another one.
+    # Python's default is left in place after the test: it is what every other test expects too.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def wrapped(*a, **k):
         calls["n"] += 1
