@@ -138,6 +138,7 @@ def build_ours(path, r: dict, device, dtype):
     model.gradient_checkpointing = cfg.gradient_checkpointing
     torch.manual_seed(r["seed"])
     apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
+    model.train()                                    # as the Trainer does: dropout on, checkpointing on
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg, r["warmup_steps"] + r["timed_steps"] + 1)
     autocast, scaler = mixed_precision(device, dtype)
@@ -166,6 +167,8 @@ def build_peer(path, r: dict, device, dtype):
     torch.manual_seed(r["seed"])
     model = get_peft_model(model, LoraConfig(r=r["lora_r"], lora_alpha=r["lora_alpha"], lora_dropout=r["lora_dropout"],
                                              target_modules=TARGETS, bias="none", task_type="CAUSAL_LM"))
+    model.train()     # from_pretrained returns eval mode, where HF skips checkpointing and dropout; Trainer calls train()
+    info_checkpointing = bool(model.base_model.model.is_gradient_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.PagedAdamW32bit(params, lr=r["learning_rate"], weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -183,7 +186,8 @@ def build_peer(path, r: dict, device, dtype):
         return value
 
     trainable, total = model.get_nb_trainable_parameters()
-    return model, step, dict(load=load, trainable_params=trainable, total_params=total, peer_4bit_layers=n_bnb_4bit(model))
+    return model, step, dict(load=load, trainable_params=trainable, total_params=total, peer_4bit_layers=n_bnb_4bit(model),
+                             gradient_checkpointing=info_checkpointing)
 
 
 def decode_ours(model, prompt, r, device, cuda_graph: bool) -> dict:
