@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-from bench.decode import timed_runs
+from bench.decode import peer_greedy, timed_runs
 from bench.common import REPO, measure_load, ratio, run_side_subprocess, size, versions
 from bench.step_profile import print_profile, profile_step
 from qlora.trainer import pick_device
@@ -205,26 +205,7 @@ def decode_ours(model, prompt, r, device, cuda_graph: bool) -> dict:
 
 
 def decode_peer(model, prompt, r, device) -> dict:
-    ids = torch.tensor([prompt], device=device)
-
-    class Stamps:              # a transformers streamer: put() gets the prompt first, then each new token
-        def __init__(self, on_token):
-            self.on_token, self.seen_prompt = on_token, False
-
-        def put(self, value):
-            if self.seen_prompt:
-                self.on_token(value)
-            self.seen_prompt = True
-
-        def end(self):
-            pass
-
-    def run(on_token):
-        with torch.no_grad():
-            out = model.generate(ids, do_sample=False, max_new_tokens=r["new_tokens"], min_new_tokens=r["new_tokens"],
-                                 pad_token_id=0, streamer=Stamps(on_token))
-        return out[0, len(prompt):].tolist()
-    return timed_runs(run, device, r["repeats"])
+    return timed_runs(peer_greedy(model, prompt, r["new_tokens"], device), device, r["repeats"])
 
 
 def run_side(side: str, path, r: dict, device: torch.device, dtype: torch.dtype) -> dict:
