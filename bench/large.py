@@ -233,14 +233,14 @@ def measure(step, run: Run, micro_batch: int, seq_len: int, device: torch.device
 def run_child(run: Run, device: torch.device, out: Path) -> None:
     """Build the run's side, measure each micro-batch shape (and the budget), writing `out` after each."""
     cuda = device.type == "cuda"
-    result = dict(name=run.name, side=run.side, run=asdict(run), versions=versions(), micro_batches={},
+    result = dict(name=run.name, side=run.side, run=asdict(run), micro_batches={},
                   context_bytes=device_used(device) if cuda else None)    # the CUDA context, before any tensor
     if run.side == "checkpoint":
-        result.update(write_checkpoint(run))
+        result.update(write_checkpoint(run), versions=versions())
         write_text(out, json.dumps(result, indent=2))
         return
     step, info = BUILDERS[run.side](run, device)
-    result.update(info)
+    result.update(info, versions=versions())       # after the build: Unsloth must be imported before transformers
     write_text(out, json.dumps(result, indent=2))
     print(f"{run.name}: built in {info['load']['load_s']:.1f}s; {info['trainable_params']:,d} trainable", flush=True)
     for micro_batch, seq_len in run.micro_batches:
@@ -393,7 +393,7 @@ def budget_run(step, run: Run, device: torch.device, result: dict) -> dict:
 def run_all(runs: list[Run], device: str, out: Path, unsloth_path: str | None, keep_checkpoint: bool) -> dict:
     results = {}
     for run in runs:
-        if run.side in ("peer", "unsloth") and device != "cuda":
+        if run.side in ("peer", "unsloth") and not device.startswith("cuda"):
             results[run.name] = {"name": run.name, "side": run.side, "skipped": "needs CUDA (bitsandbytes' and "
                                  "Unsloth's GPU paths)"}
         elif run.side == "unsloth" and not unsloth_path:
