@@ -6,11 +6,12 @@ shapes, what each part of memory holds, and the paged optimizer under a memory b
     python -m bench.large --tiny                 # the same code at test size on the CPU (ours only)
     python -m bench.large --show out/bench/large.json   # the tables of an earlier run again
 
-Settings, as the QLoRA paper trains its 33B and 65B models (section 5 and appendix B.2): NF4 + double
-quantization, bf16 compute, LoRA r 64 alpha 16 dropout 0.05 on every linear layer but lm_head
-(70B also at r 16), gradient checkpointing (--checkpointing offload: block inputs in host memory,
-issue 17's option, passed through to TrainConfig), paged AdamW 32-bit lr 1e-4, no weight decay,
-grad-norm clip 0.3; one fixed random batch, labels = inputs, micro-batch 1 x 2048 and 4 x 512.
+Settings, as the QLoRA paper trains its 33B and 65B models (appendix B.2; it uses dropout 0.1 and
+lr 2e-4 up to 13B): NF4 + double quantization, bf16 compute, LoRA r 64 alpha 16 dropout 0.05 on
+every linear layer but lm_head (70B also at r 16), gradient checkpointing (--checkpointing
+offload: block inputs in host memory, issue 17's option, passed through to TrainConfig), paged
+AdamW 32-bit lr 1e-4, no weight decay, grad-norm clip 0.3; one fixed random batch, labels =
+inputs, micro-batch 1 x 2048 and 4 x 512.
 Each run is its own process (its peak memory its own); timed: the median after warm-up steps.
 
 Models. 34B and 70B have no checkpoint: llama.load.random_quantized_llama draws each weight on the
@@ -70,7 +71,8 @@ LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 PAPER_GPU = 48e9                 # the paper's "single 48GB GPU" (44.7 GiB)
 GOAL_70B = {64: PAPER_GPU, 16: 41 * GiB}          # issue 23: 70B peak allocated at 1 x 2048, by LoRA rank
 GOAL_SPEEDUP = {"peer": 1.3, "unsloth": 1.1}      # issue 23: 13B tokens/s over each peer
-TOKENIZER_PLACES = [REPO / ".gpu-data" / "llama2-tokenizer.model", REPO.parent / "shared" / "data" / "llama2-tokenizer.model"]
+TOKENIZER_PLACES = [REPO / ".gpu-data" / "llama2-tokenizer.model",
+                    REPO.parent / "shared" / "data" / "llama2-tokenizer.model"]
 
 
 @dataclass
@@ -220,8 +222,8 @@ def measure(step, run: Run, micro_batch: int, seq_len: int, device: torch.device
     watch = PeakWatch(step.optimizer, step.params, device)
     timing = time_steps(step, batch, run.warmup, run.steps, device, label, before_step=watch.reset)
     result = dict(micro_batch=micro_batch, seq_len=seq_len, **timing, **watch.figures(),
-                  tokens_per_s=micro_batch * seq_len / timing["median_step_s"], flops_per_token=flops_per_token(run.config, s),
-                  optimizer_state=state_bytes(step.optimizer))
+                  tokens_per_s=micro_batch * seq_len / timing["median_step_s"],
+                  flops_per_token=flops_per_token(run.config, s), optimizer_state=state_bytes(step.optimizer))
     if device.type == "cuda":
         result.update(device_used_after=device_used(device),
                       alloc_retries=torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
@@ -266,7 +268,8 @@ def build_ours(run: Run, device: torch.device):
         build = lambda: random_quantized_llama(LlamaConfig.from_hf(run.config), device, dtype, run.seed)  # noqa: E731
     model, load = measure_load(build, device)
     step, info = ours_step(model, cfg, device, dtype, total_steps=10_000)
-    return step, dict(load=load, **info, parts=model_parts(model), gradient_checkpointing=str(cfg.gradient_checkpointing))
+    return step, dict(load=load, **info, parts=model_parts(model),
+                      gradient_checkpointing=str(cfg.gradient_checkpointing))
 
 
 def build_peer(run: Run, device: torch.device):
@@ -309,8 +312,9 @@ BUILDERS = {"ours": build_ours, "peer": build_peer, "unsloth": build_unsloth}
 
 
 def peer_settings(run: Run) -> Settings:
-    return Settings(checkpoint=run.checkpoint, lora_r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=run.lora_dropout,
-                    learning_rate=run.learning_rate, max_grad_norm=run.max_grad_norm, seed=run.seed)
+    return Settings(checkpoint=run.checkpoint, lora_r=run.lora_r, lora_alpha=run.lora_alpha,
+                    lora_dropout=run.lora_dropout, learning_rate=run.learning_rate, max_grad_norm=run.max_grad_norm,
+                    seed=run.seed)
 
 
 def write_checkpoint(run: Run) -> dict:
@@ -417,7 +421,8 @@ def run_all(runs: list[Run], device: str, out: Path, unsloth_path: str | None, k
 
 def print_tables(results: dict, ceiling: float | None, device_name: str) -> None:
     gib = lambda v: "-" if v is None else size(v)                          # noqa: E731
-    dtype = next((r["compute_dtype"] for r in results.values() if r.get("side") == "ours" and "compute_dtype" in r), "-")
+    dtype = next((r["compute_dtype"] for r in results.values() if r.get("side") == "ours" and "compute_dtype" in r),
+                 "-")
     print(f"\n## QLoRA step at large shapes ({device_name}): NF4 + DQ, {dtype} compute, LoRA alpha 16 dropout 0.05 "
           "on all linear layers, gradient checkpointing, paged AdamW\n")
     print("| run | micro-batch | tokens/s | step | peak allocated | peak reserved | fwd+bwd / update peak | "
@@ -447,8 +452,9 @@ def print_tables(results: dict, ceiling: float | None, device_name: str) -> None
         activations = m["forward_backward_peak"] - rest if m.get("forward_backward_peak") else None
         st, load = m["optimizer_state"], r["load"]
         transient = load["peak_allocated"] - load["resident_allocated"] if load.get("peak_allocated") else None
-        print(f"| {name} | {load['load_s']:.1f} s, {gib(transient)} | {gib(parts['nf4_weights'])} | {gib(parts['dense_weights'])} | {gib(parts['lora_values'])} | "
-              f"{gib(m['lora_grads'])} | {gib(st['managed'])} / {gib(st['device'] or st['host'])} | {gib(activations)} |")
+        print(f"| {name} | {load['load_s']:.1f} s, {gib(transient)} | {gib(parts['nf4_weights'])} | "
+              f"{gib(parts['dense_weights'])} | {gib(parts['lora_values'])} | {gib(m['lora_grads'])} | "
+              f"{gib(st['managed'])} / {gib(st['device'] or st['host'])} | {gib(activations)} |")
 
     budgets = {name: r["budget"] for name, r in results.items() if isinstance(r.get("budget"), dict)}
     if budgets:
@@ -460,8 +466,10 @@ def print_tables(results: dict, ceiling: float | None, device_name: str) -> None
                 print(f"| {name} | skipped: {b['skipped']} | | | | | |")
                 continue
             paged, dev = b.get("paged", {}), b.get("device_state", {})
-            timing = (f"{b['resident_median_step_s']:.3f} -> {paged['median_step_s']:.3f} s "
-                      f"(+{b['cost_per_step_s']:.3f} s)" if "median_step_s" in paged else paged.get("out_of_memory", "-"))
+            timing = paged.get("out_of_memory", "-")
+            if "median_step_s" in paged:
+                timing = (f"{b['resident_median_step_s']:.3f} -> {paged['median_step_s']:.3f} s "
+                          f"(+{b['cost_per_step_s']:.3f} s)")
             state = "fit" if dev.get("fit") else f"out of memory at step {dev.get('out_of_memory_at_step')}"
             print(f"| {name} | {gib(b['budget'])} | {gib(b['allocator_cap'])} | {gib(b['paged_out_bytes'])} / "
                   f"{gib(b['device_freed_by_page_out'])} | {timing} | {paged.get('alloc_retries', '-')} | {state} |")
@@ -496,7 +504,8 @@ def main(argv=None) -> int:
     parser.add_argument("--unsloth_path", help="where Unsloth was pip-installed with --target (its side only)")
     parser.add_argument("--unsloth_checkpointing", default="unsloth", choices=["unsloth", "true"],
                         help="Unsloth's use_gradient_checkpointing (unsloth: offloaded to the host, its default)")
-    parser.add_argument("--tokenizer", help="llama2-tokenizer.model for Unsloth (default: .gpu-data/ or ../shared/data/)")
+    parser.add_argument("--tokenizer", help="llama2-tokenizer.model for Unsloth (default: the one in .gpu-data/ "
+                                            "or ../shared/data/)")
     parser.add_argument("--keep_checkpoint", action="store_true", help="keep the 13B checkpoint (default: removed)")
     parser.add_argument("--json", help="write the results here (default out/bench/large.json)")
     parser.add_argument("--show", metavar="JSON", help="print the tables of an earlier run's JSON and exit")
@@ -527,8 +536,8 @@ def main(argv=None) -> int:
     results = run_all(runs, device, out, args.unsloth_path, args.keep_checkpoint)
     ceiling = matmul_ceiling_tflops(torch.device(device)) if device.startswith("cuda") else None
     device_name = versions()["device"]
-    write_text(out, json.dumps({"device": device_name, "matmul_ceiling_tflops": ceiling, "wall_s": time.perf_counter() - t0,
-                                "results": results}, indent=2))
+    write_text(out, json.dumps({"device": device_name, "matmul_ceiling_tflops": ceiling,
+                                "wall_s": time.perf_counter() - t0, "results": results}, indent=2))
     print_tables(results, ceiling, device_name)
     print(f"details: {out} ({time.perf_counter() - t0:.0f} s in all)")
     return 0 if all("error" not in r for r in results.values()) else 1

@@ -186,7 +186,8 @@ def test_random_quantized_llama_equals_transformers_holding_its_weights():
     from transformers import LlamaConfig as HFLlamaConfig
     hf = LlamaForCausalLM(HFLlamaConfig(**RANDOM_CONFIG, rms_norm_eps=config.rms_norm_eps)).eval()
     dense = {name: p for name, p in model.named_parameters()}
-    dense.update({name + ".weight": layer.dequantize(torch.float32) for name, layer in _linear4bit_layers(model).items()})
+    layers = _linear4bit_layers(model)
+    dense.update({name + ".weight": layer.dequantize(torch.float32) for name, layer in layers.items()})
     missing, unexpected = hf.load_state_dict(dense, strict=False)
     assert not missing and not unexpected
     ids = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(1))
