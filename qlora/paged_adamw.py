@@ -8,14 +8,21 @@ before the optimizer update. This file does the same with nothing but the CUDA r
 * `managed_zeros` allocates an fp32 tensor with cudaMallocManaged (through ctypes) and hands it to
   PyTorch through `__cuda_array_interface__`; the memory is freed when the tensor dies.
 * `prefetch` asks the driver to migrate those pages to the GPU ahead of the update
-  (cudaMemPrefetchAsync on the current stream), so the update kernels do not page-fault.
+  (cudaMemPrefetchAsync on the current stream), so the update kernels do not page-fault;
+  `page_out` migrates them to host RAM, as the driver does when the GPU runs out of memory.
 * `PagedAdamW` is AdamW (Loshchilov & Hutter, decoupled weight decay), with exactly the update
   order and bias correction of torch.optim.AdamW, whose exp_avg / exp_avg_sq come from
   `managed_zeros` when the parameter is on a GPU. On the CPU, or with paged=False, they are
   ordinary tensors and it is a plain AdamW.
 
 The state is fp32 whatever the parameter dtype (as bitsandbytes' PagedAdamW32bit): a bf16
-parameter is updated in fp32 and rounded back.
+parameter is updated in fp32 and rounded back. The update runs over the parameters in chunks of at
+most UPDATE_CHUNK_NUMEL values, so its temporaries (sqrt(v), fp32 copies) stay small beside a 70B
+model's 0.8B LoRA values, and each chunk's state is paged in just before its update. With
+page_out=True each chunk's state goes back to host RAM after its update: the GPU then holds at most
+one chunk of optimizer state, for a memory budget that the state does not fit beside the model in
+(bench/large.py). The driver would evict the pages itself only when the GPU is full, which means
+oversubscribing managed memory; page_out moves them on purpose instead.
 """
 
 import ctypes
@@ -31,9 +38,13 @@ import torch
 # bitsandbytes pages only tensors of at least 1e5 elements: smaller ones cost more in page-table
 # bookkeeping and prefetch calls than they could ever save, so they stay in ordinary GPU memory.
 PAGED_MIN_NUMEL = 100_000
+# Values per optimizer-update chunk: 2^26 fp32 values are 256 MiB of temporaries per foreach op.
+UPDATE_CHUNK_NUMEL = 2**26
 
 CUDA_MEM_ATTACH_GLOBAL = 1        # cudaMemAttachGlobal: any stream on any device may touch it
 CUDA_MEM_LOCATION_TYPE_DEVICE = 1  # cudaMemLocationTypeDevice: `id` is a device ordinal
+CUDA_MEM_LOCATION_TYPE_HOST = 2    # cudaMemLocationTypeHost: host RAM (`id` ignored)
+CUDA_CPU_DEVICE_ID = -1            # cudaCpuDeviceId: host RAM as a prefetch destination before CUDA 13
 CUDA_MEMORY_TYPE_MANAGED = 3       # cudaMemoryTypeManaged, as cudaPointerGetAttributes reports it
 
 
@@ -149,15 +160,27 @@ def managed_zeros(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 def prefetch(tensor: torch.Tensor) -> None:
     """Ask the driver to move a managed tensor's pages to its GPU, on the current stream."""
+    _prefetch_to(tensor, tensor.device.index)
+
+
+def page_out(tensor: torch.Tensor) -> None:
+    """Ask the driver to move a managed tensor's pages to host RAM, on the current stream (after the
+    kernels queued before it; the next use on the GPU, or `prefetch`, brings them back)."""
+    _prefetch_to(tensor, None)
+
+
+def _prefetch_to(tensor: torch.Tensor, index: int | None) -> None:
+    """cudaMemPrefetchAsync of the tensor's bytes to GPU `index`, or to the host for None."""
     lib, version = _cudart()
-    index = tensor.device.index
     stream = ctypes.c_void_p(torch.cuda.current_stream(tensor.device).cuda_stream)
     nbytes = tensor.numel() * tensor.element_size()
     if version >= 13000:
-        location = _MemLocation(CUDA_MEM_LOCATION_TYPE_DEVICE, index)
+        location = (_MemLocation(CUDA_MEM_LOCATION_TYPE_HOST, 0) if index is None
+                    else _MemLocation(CUDA_MEM_LOCATION_TYPE_DEVICE, index))
         err = lib.cudaMemPrefetchAsync(ctypes.c_void_p(tensor.data_ptr()), nbytes, location, 0, stream)
     else:
-        err = lib.cudaMemPrefetchAsync(ctypes.c_void_p(tensor.data_ptr()), nbytes, index, stream)
+        device = CUDA_CPU_DEVICE_ID if index is None else index
+        err = lib.cudaMemPrefetchAsync(ctypes.c_void_p(tensor.data_ptr()), nbytes, device, stream)
     _check(lib, err, "cudaMemPrefetchAsync")
 
 
@@ -182,8 +205,9 @@ class PagedAdamW(torch.optim.Optimizer):
     """AdamW (torch.optim.AdamW's update) with fp32 moments in CUDA unified memory when paged."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, paged: bool = True):
+                 weight_decay: float = 0.0, paged: bool = True, page_out: bool = False):
         self.paged = paged
+        self.page_out = page_out      # state back to host RAM after each chunk's update (see the top)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     def add_param_group(self, param_group: dict) -> None:
@@ -204,9 +228,25 @@ class PagedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"PagedAdamW can only optimize floating-point parameters, got {p.dtype}")
 
     def _zeros_like_state(self, p: torch.Tensor) -> torch.Tensor:
-        if self.paged and p.is_cuda and p.numel() >= PAGED_MIN_NUMEL:
+        if self._is_paged(p):
             return managed_zeros(p.shape, p.device)
         return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+    def _is_paged(self, tensor: torch.Tensor) -> bool:
+        """Whether the state of (or for) a tensor of this size and device lives in managed memory."""
+        return self.paged and tensor.is_cuda and tensor.numel() >= PAGED_MIN_NUMEL
+
+    def paged_state(self) -> list[torch.Tensor]:
+        """The moments that live in managed memory (those of GPU parameters of >= PAGED_MIN_NUMEL values)."""
+        return [m for state in self.state.values() for key in ("exp_avg", "exp_avg_sq")
+                if key in state and self._is_paged(m := state[key])]
+
+    def evict_state(self) -> int:
+        """Page every managed moment out to host RAM now (queued on the current stream) -> bytes asked to move."""
+        moments = self.paged_state()
+        for m in moments:
+            page_out(m)
+        return sum(m.numel() * m.element_size() for m in moments)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -228,24 +268,32 @@ class PagedAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = self._zeros_like_state(p)     # m, first moment
                     state["exp_avg_sq"] = self._zeros_like_state(p)  # v, second moment
                 state["step"] += 1
-            exp_avgs = [self.state[p]["exp_avg"] for p in params]
-            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
-            steps = [self.state[p]["step"] for p in params]
-            # Page the moments in before the update reads them (section 3: "automatically evicted to
-            # CPU RAM ... and paged back into GPU memory when the memory is needed in the optimizer
-            # update step"). The prefetch is queued on the update's stream, so no sync is needed.
-            for m in exp_avgs + exp_avg_sqs:
-                if m.is_cuda and self.paged and m.numel() >= PAGED_MIN_NUMEL:
-                    prefetch(m)
-            # The update runs in fp32: a bf16/fp16 parameter and its gradient are upcast here and the
-            # result is rounded back once at the end.
-            params32 = [p if p.dtype == torch.float32 else p.float() for p in params]
-            grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
-            _adamw_update(params32, grads, exp_avgs, exp_avg_sqs, steps, group)
-            for p, p32 in zip(params, params32):
-                if p32 is not p:
-                    p.copy_(p32)
+            for chunk in _chunks(params, UPDATE_CHUNK_NUMEL):
+                self._update(chunk, group)
         return loss
+
+    def _update(self, params: list[torch.Tensor], group: dict) -> None:
+        """AdamW on one chunk of a group's parameters: page its state in, update, page out if asked."""
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        steps = [self.state[p]["step"] for p in params]
+        # Page the moments in before the update reads them (section 3: "automatically evicted to
+        # CPU RAM ... and paged back into GPU memory when the memory is needed in the optimizer
+        # update step"). The prefetch is queued on the update's stream, so no sync is needed.
+        paged = [m for m in exp_avgs + exp_avg_sqs if self._is_paged(m)]
+        for m in paged:
+            prefetch(m)
+        # The update runs in fp32: a bf16/fp16 parameter and its gradient are upcast here and the
+        # result is rounded back once at the end.
+        params32 = [p if p.dtype == torch.float32 else p.float() for p in params]
+        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
+        _adamw_update(params32, grads, exp_avgs, exp_avg_sqs, steps, group)
+        for p, p32 in zip(params, params32):
+            if p32 is not p:
+                p.copy_(p32)
+        if self.page_out:
+            for m in paged:
+                page_out(m)              # queued after the update kernels that read it
 
     def state_dict(self) -> dict:
         """torch's optimizer state dict, with the moments copied to ordinary CPU tensors."""
@@ -276,6 +324,18 @@ class PagedAdamW(torch.optim.Optimizer):
                                      f"the parameter has {tuple(p.shape)}: the state dict is for another model")
                 self.state[p][key] = self._zeros_like_state(p)
                 self.state[p][key].copy_(state[key])
+
+
+def _chunks(params: list[torch.Tensor], max_numel: int) -> list[list[torch.Tensor]]:
+    """params split, in order, into runs of at most max_numel values (a larger tensor runs alone)."""
+    chunks, current, numel = [], [], 0
+    for p in params:
+        if current and numel + p.numel() > max_numel:
+            chunks.append(current)
+            current, numel = [], 0
+        current.append(p)
+        numel += p.numel()
+    return chunks + [current] if current else chunks
 
 
 def _adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:

@@ -6,6 +6,7 @@ import io
 import pytest
 import torch
 
+import qlora.paged_adamw
 from qlora.paged_adamw import PagedAdamW, is_managed
 
 
@@ -33,11 +34,15 @@ def _train(model, optimizer, steps: int, seed: int) -> None:
         optimizer.step()
 
 
-def test_updates_equal_torch_adamw_over_20_steps():
+@pytest.mark.parametrize("chunk_numel, page_out", [(2**26, False), (100, False), (1, True)],
+                         ids=["one chunk", "chunks of 100 values", "a tensor per chunk, page_out"])
+def test_updates_equal_torch_adamw_over_20_steps(monkeypatch, chunk_numel, page_out):
     # (torch's foreach=True variant is compared on the GPU by bench/paged_adamw_gpu.py; on the CPU its
-    # first step spends seconds importing torch._dynamo.)
+    # first step spends seconds importing torch._dynamo.) The update runs chunk by chunk (the layers
+    # hold 128, 16, 256, 16, 64 and 4 values); on the CPU page_out has nothing to move.
+    monkeypatch.setattr(qlora.paged_adamw, "UPDATE_CHUNK_NUMEL", chunk_numel)
     ours_model, ref_model = _tiny_model(), _tiny_model()
-    ours = PagedAdamW(_groups(ours_model), lr=1e-2, weight_decay=0.01)
+    ours = PagedAdamW(_groups(ours_model), lr=1e-2, weight_decay=0.01, page_out=page_out)
     ref = torch.optim.AdamW(_groups(ref_model), lr=1e-2, weight_decay=0.01, foreach=False)
     _train(ours_model, ours, 20, seed=1)
     _train(ref_model, ref, 20, seed=1)
@@ -163,3 +168,30 @@ def test_gpu_state_lives_in_managed_memory_and_matches_torch():
     assert is_managed(ours.state[ours_p]["exp_avg"]) and is_managed(ours.state[ours_p]["exp_avg_sq"])
     assert not is_managed(ref.state[ref_p]["exp_avg"])
     torch.testing.assert_close(ours_p, ref_p, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_state_paged_out_each_step_updates_as_resident_state(monkeypatch):
+    # page_out moves each chunk's managed state to host RAM after its update and the next step's
+    # prefetch brings it back: the same numbers as state that stays on the GPU, bit for bit.
+    monkeypatch.setattr(qlora.paged_adamw, "UPDATE_CHUNK_NUMEL", 200_000)   # 2 chunks of the 3 tensors
+    torch.manual_seed(0)
+    shapes = [(512, 256), (384, 300), (1000, 130)]                        # each above the paging threshold
+    start = [torch.randn(shape, device="cuda") for shape in shapes]
+    resident_p = [torch.nn.Parameter(w.clone()) for w in start]
+    paged_p = [torch.nn.Parameter(w.clone()) for w in start]
+    resident = PagedAdamW(resident_p, lr=1e-3, weight_decay=0.01)
+    paged = PagedAdamW(paged_p, lr=1e-3, weight_decay=0.01, page_out=True)
+    for _ in range(5):
+        grads = [torch.randn_like(w) for w in start]
+        for p, q, g in zip(resident_p, paged_p, grads):
+            p.grad, q.grad = g, g.clone()
+        resident.step()
+        paged.step()
+    assert len(paged.paged_state()) == 6 and all(is_managed(m) for m in paged.paged_state())
+    assert paged.evict_state() == 2 * 4 * sum(a * b for a, b in shapes)
+    torch.cuda.synchronize()
+    for p, q in zip(resident_p, paged_p):
+        assert torch.equal(p, q)
+    for p, q in zip(resident_p, paged_p):
+        assert torch.equal(resident.state[p]["exp_avg_sq"], paged.state[q]["exp_avg_sq"])   # read back from the host
