@@ -424,4 +424,6 @@ def plot_loss(out: Path) -> Path | None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))   # a user's mistake: one line `error: ...`, status 1 (--debug: the traceback)
+    status = run_cli(main)    # a user's mistake: one line `error: ...`, status 1 (--debug: the traceback)
+    distributed.finish()      # under torchrun: the ranks leave the process group together
+    sys.exit(status)

@@ -98,9 +98,20 @@ def init(cfg) -> None:
         sys.stdout = open(os.devnull, "w")                       # one copy of the log; errors still on stderr
 
 
+def finish() -> None:
+    """After a run every rank completed: free what the model held, wait for all ranks, leave the group.
+
+    FSDP2's modules keep the group's work objects in reference cycles; a rank that exits while
+    another still frees them can make gloo abort the other ("terminate called without an active
+    exception"), so everyone frees first and leaves together."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _teardown() -> None:
-    # FSDP2's modules hold the group's work objects in reference cycles: free them first, or gloo's
-    # threads may be destroyed mid-flight at exit ("terminate called without an active exception").
+    # A rank that stops on an error: no barrier (the others may never reach it; torchrun stops them).
     gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -236,7 +247,7 @@ def shard_quantizer(weight: torch.Tensor, device, dtype: torch.dtype, blocksize:
     if mine is not None:
         padded[:mine.absmax.numel()] = mine.absmax
     gathered = torch.empty(world_size() * per * blocks, dtype=torch.float32, device=device)
-    dist.all_gather_into_tensor(gathered, padded)
+    dist.all_gather_single(gathered, padded)
     state = QuantState(absmax=gathered[:groups * blocks].clone(), shape=weight.shape, dtype=dtype,
                        blocksize=blocksize, code=nf4_code(device))
     state = double_quantize(state) if double_quant else state
@@ -281,8 +292,9 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)      # the root: embeddings, final norm, lm_head (kept whole from forward to backward)
     for module in model.modules():
-        if isinstance(module, FSDPModule):
+        if isinstance(module, FSDPModule):       # a plain SUM (gloo has no pre-scaled sum), divided by nothing
             module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
     for layer in layers:
         if hasattr(layer, "rows"):     # assign=True: FSDP2's load hook takes the new shards as its own
             packed, absmax = layer.rows
@@ -341,9 +353,10 @@ def wrap(model: nn.Module, cfg, device: torch.device) -> nn.Module:
         for p in model.parameters():
             if p.requires_grad:
                 dist.broadcast(p, 0)
-    # broadcast_buffers=False: the 4-bit weights are buffers, identical everywhere and never updated.
+    # No buffer syncing, at init or per forward: the 4-bit weights are buffers, identical everywhere
+    # (every rank loaded the same files) and never updated.
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  broadcast_buffers=False, init_sync=False, gradient_as_bucket_view=True)
+                                  init_sync=False, forward_sync_buffers=False, gradient_as_bucket_view=True)
     ddp.register_comm_hook(None, _sum_gradients)
     return ddp
 
