@@ -91,8 +91,11 @@ def init(cfg) -> None:
                          "or distributed: ddp")
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))     # what pick_device("auto") then returns
-    dist.init_process_group("nccl" if cuda else "gloo")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)                            # what pick_device("auto") then returns
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     atexit.register(_teardown)
     if rank() > 0:
         sys.stdout = open(os.devnull, "w")                       # one copy of the log; errors still on stderr
@@ -345,7 +348,8 @@ def wrap(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     it, or (distributed: fsdp) the model sharded in place. Ranks then draw their own dropout masks."""
     if not dist.is_initialized():
         return model
-    torch.manual_seed(cfg.seed + rank())
+    if world_size() > 1:                           # (one rank keeps one process's random numbers)
+        torch.manual_seed(cfg.seed + rank())
     if cfg.distributed == "fsdp":
         return shard_model(model, device)
     from torch.nn.parallel import DistributedDataParallel
