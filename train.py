@@ -141,9 +141,10 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     print(f"device {device}, compute dtype {dtype}, output {out}")
-    if distributed.world_size() > 1:
-        print(f"{distributed.world_size()} ranks ({cfg.distributed}): {cfg.micro_batch_size} x "
-              f"{cfg.gradient_accumulation_steps} x {distributed.world_size()} rows per step")
+    if distributed.world_size() > 1 or cfg.batch_size:      # the global batch: micro-batch x GA x ranks
+        ranks = distributed.world_size()
+        print(f"{ranks} rank(s){f' ({cfg.distributed})' if ranks > 1 else ''}: {cfg.micro_batch_size} x "
+              f"{cfg.gradient_accumulation_steps} x {ranks} rows per step")
     if cfg.fp16 and device.type != "cuda":
         print("note: fp16: true has no effect on the CPU, which computes in fp32")
 
@@ -292,7 +293,8 @@ def main(argv=None) -> int:
             num_items = int(distributed.all_sum([sum(label_count(b["labels"]) for b in micro_batches)])[0])
             loss_avg = accumulate_gradients(micro_batches, loss_of, lambda loss: scaler.scale(loss).backward(),
                                             num_items, distributed.no_sync(step_model))
-            loss_avg, tokens = distributed.all_sum([loss_avg, sum(int(b["attention_mask"].sum()) for b in micro_batches)])
+            tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+            loss_avg, tokens = distributed.all_sum([loss_avg, tokens])      # the step's, all ranks together
             tokens_seen += int(tokens)
             if not math.isfinite(loss_avg):
                 where = f"; the last good checkpoint is {last_saved}" if last_saved else ""
@@ -341,7 +343,8 @@ def main(argv=None) -> int:
                 last_saved = save(resume_point)
     except KeyboardInterrupt:
         if distributed.world_size() > 1:   # the ranks stop at different points: no gathering now
-            print(f"\ninterrupted: stopping without a new checkpoint; the last one is {last_saved}", file=sys.stderr)
+            print(f"\ninterrupted: stopping without a new checkpoint (the last: {last_saved or 'none yet'})",
+                  file=sys.stderr)
             return 130
         print("\ninterrupted: saving a checkpoint", file=sys.stderr)
         if record is not None and record["step"] == resume_point["step"]:

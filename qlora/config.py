@@ -207,7 +207,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.warmup_ratio >= 1:
         bad(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     for name in ("warmup_ratio", "warmup_steps", "max_steps", "weight_decay", "lora_dropout", "val_set_size",
-                 "max_grad_norm", "eval_steps", "save_steps", "eval_table_size", "early_stopping_patience", "batch_size"):
+                 "max_grad_norm", "eval_steps", "save_steps", "eval_table_size", "early_stopping_patience",
+                 "batch_size"):
         if getattr(cfg, name) < 0:
             bad(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.lora_dropout < 1:

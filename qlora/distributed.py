@@ -301,8 +301,8 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     for layer in layers:
         if hasattr(layer, "rows"):     # assign=True: FSDP2's load hook takes the new shards as its own
             packed, absmax = layer.rows
-            layer.load_state_dict({"packed": _shard_of(packed, layer.packed), "absmax": _shard_of(absmax, layer.absmax)},
-                                  strict=False, assign=True)
+            shards = {"packed": _shard_of(packed, layer.packed), "absmax": _shard_of(absmax, layer.absmax)}
+            layer.load_state_dict(shards, strict=False, assign=True)
             del layer.rows
     return model
 

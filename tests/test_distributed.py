@@ -115,7 +115,7 @@ def test_ddp_equals_one_process_with_the_same_global_batch(setup, one_process):
     out = setup / "ddp"
     done = run(setup, out, 2)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 ranks (ddp): 5 x 2 x 2 rows per step" in done.stdout
+    assert "2 rank(s) (ddp): 5 x 2 x 2 rows per step" in done.stdout
     assert_same_training(one_process, out)
 
 
