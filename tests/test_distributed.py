@@ -210,3 +210,25 @@ def test_bad_setups_fail_with_one_line_and_write_nothing(setup, tmp_path):
     assert not out.exists()
     with pytest.raises(ValueError, match="torchrun --nproc_per_node N"):
         train.main(args(setup, out, distributed="fsdp"))
+
+
+def test_fsdp_on_the_kernel_path_equals_ddp_and_one_process(setup, tmp_path):
+    """One bf16 step through Linear4bit's Triton kernels (TRITON_INTERPRET=1: the GPU's path), gradient
+    checkpointing on (tests/distributed_step.py): FSDP2 equals DDP bit for bit, and both equal one
+    process to bf16's rounding (their micro-batches are half as long, so the products round apart)."""
+    step = str(REPO / "tests" / "distributed_step.py")
+    results = {}
+    for mode in ("one", "ddp", "fsdp"):
+        out = tmp_path / f"{mode}.pt"
+        launcher = command(None)[:1] if mode == "one" else command(2)[:-1]
+        done = subprocess.run([*launcher, step, str(out), str(setup / "tiny.json"), mode], capture_output=True,
+                              text=True, timeout=300, env=ENV, cwd=REPO)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[mode] = torch.load(out)
+    one, ddp, fsdp = results["one"], results["ddp"], results["fsdp"]
+    assert fsdp["loss"] == ddp["loss"] and fsdp["grads"].keys() == ddp["grads"].keys() == one["grads"].keys()
+    for name in one["grads"]:
+        assert torch.equal(fsdp["grads"][name], ddp["grads"][name]), name
+        torch.testing.assert_close(ddp["grads"][name], one["grads"][name], rtol=0.02,
+                                   atol=0.02 * one["grads"][name].abs().max().item())
+    assert ddp["loss"] == pytest.approx(one["loss"], rel=1e-3)
