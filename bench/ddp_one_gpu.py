@@ -11,8 +11,9 @@ SQL rows: first `python train.py`, then `python -m torch.distributed.run --stand
 the LoRA gradients), the all_reduce of each step's label count and loss, the rank-sharded data
 stream and the barriers (both sides with OMP_NUM_THREADS=1, torchrun's default). tokens/s: the
 median over the steps after the first two (warm-up: Triton compiles, the optimizer allocates) and
-before the last (which also evaluates and saves), read from each run's metrics.jsonl. The tokenizer is trained on the rows (512 ids): the model's speed does
-not depend on which ids it reads, and every micro-batch is padded to the same length anyway.
+before the last (which also evaluates and saves), read from each run's metrics.jsonl. The tokenizer
+is trained on the rows (512 ids): the model's speed does not depend on which ids it reads, and every
+micro-batch is padded to the same length anyway.
 """
 
 import argparse

@@ -128,8 +128,9 @@ AXOLOTL_REFUSED = {
     "lora_fan_in_fan_out": ((False,), "the linear weights are (out, in): leave lora_fan_in_fan_out empty"),
     "deepspeed": ((), "DeepSpeed is not supported: remove deepspeed (torchrun with distributed: ddp or fsdp "
                       "runs on several GPUs)"),
-    "fsdp": ((), "axolotl's fsdp options are not read here: remove fsdp and set distributed: fsdp (under torchrun)"),
-    "fsdp_config": ((), "axolotl's fsdp_config is not read here: remove it and set distributed: fsdp (under torchrun)"),
+    "fsdp": ((), "axolotl's FSDP options are not read here: remove fsdp and set distributed: fsdp (under torchrun)"),
+    "fsdp_config": ((), "axolotl's FSDP options are not read here: remove fsdp_config and set distributed: fsdp "
+                        "(under torchrun)"),
 }
 DATASET_KEYS = ("path", "type", "data_files", "train_on_split")
 

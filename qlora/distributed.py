@@ -27,9 +27,9 @@ all-gathers a group of mixed dtypes as bytes, so a Linear4bit's packed bytes and
 simply become 2-D uint8 parameters [row groups, bytes of a group]. A row group is the fewest whole
 rows that hold whole 64-value blocks (row_group), so rank r's bytes and absmax codes cover the same
 rows and dequantize on their own ("consistent per shard"). The second level of double quantization
-(one fp32 scale per 256 blocks, the mean offset, the two code books: 1/256 of the absmax bytes) is
+(one fp32 scale per 256 blocks, 1/2048 of the packed bytes; the mean offset; the two code books) is
 replicated. Loading: each rank quantizes only its rows (shard_quantizer); the fp32 absmax of all
-blocks are gathered (1/16 of the 4-bit bytes) so that the double quantization is the whole
+blocks are gathered (4 bytes per 32 packed ones) so that the double quantization is the whole
 weight's, bit for bit what one process computes. The 16-bit tensors (embeddings, norms, lm_head)
 are read whole on every rank, then sharded.
 

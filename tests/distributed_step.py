@@ -1,5 +1,5 @@
 """One bf16 training step of a tiny 4-bit Llama, alone or under torchrun (ddp / fsdp), for
-tests/test_distributed.py: the step's loss and every LoRA gradient (whole) saved by rank 0.
+tests/test_distributed.py: the step's loss, every LoRA gradient and the NF4 state (whole) saved by rank 0.
 
     python tests/distributed_step.py OUT.pt CONFIG.json
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_step.py OUT.pt CONFIG.json fsdp
@@ -45,8 +45,10 @@ def main(out: str, config: str, mode: str = "one") -> None:
     grads = {name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
              for name, p in model.named_parameters() if p.requires_grad}
     total = distributed.all_sum([loss.item()])[0]
+    quantized = {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).reshape(-1)   # whole, flat
+                 for name, t in model.state_dict().items() if name.endswith(("packed", "absmax", "absmax2", "offset"))}
     if distributed.is_main():
-        torch.save({"loss": total, "grads": grads}, out)
+        torch.save({"loss": total, "grads": grads, "quantized": quantized}, out)
 
 
 if __name__ == "__main__":

@@ -214,7 +214,8 @@ def test_bad_setups_fail_with_one_line_and_write_nothing(setup, tmp_path):
 
 def test_fsdp_on_the_kernel_path_equals_ddp_and_one_process(setup, tmp_path):
     """One bf16 step through Linear4bit's Triton kernels (TRITON_INTERPRET=1: the GPU's path), gradient
-    checkpointing on (tests/distributed_step.py): FSDP2 equals DDP bit for bit, and both equal one
+    checkpointing on (tests/distributed_step.py): FSDP2's NF4 bytes and absmax, each rank having
+    quantized its own rows, are one process's bit for bit; its step equals DDP's bit for bit, and both equal one
     process to bf16's rounding (their micro-batches are half as long, so the products round apart)."""
     step = str(REPO / "tests" / "distributed_step.py")
     results = {}
@@ -226,6 +227,9 @@ def test_fsdp_on_the_kernel_path_equals_ddp_and_one_process(setup, tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         results[mode] = torch.load(out)
     one, ddp, fsdp = results["one"], results["ddp"], results["fsdp"]
+    assert len(one["quantized"]) == 2 * 7 * 4     # packed, absmax, absmax2, offset of 14 layers
+    for name, value in one["quantized"].items():  # each rank quantized its rows: the whole is one process's
+        assert torch.equal(fsdp["quantized"][name], value), name
     assert fsdp["loss"] == ddp["loss"] and fsdp["grads"].keys() == ddp["grads"].keys() == one["grads"].keys()
     for name in one["grads"]:
         assert torch.equal(fsdp["grads"][name], ddp["grads"][name]), name
