@@ -19,6 +19,8 @@ for stage in "$@"; do
                 timeout 480 python -m bench.batched_eval --rows .gpu-data/spider_dev.jsonl \
                   --tokenizer .gpu-data/llama2-tokenizer.model --json "$OUT/batched_eval.json" 2>&1 | tail -15 ;;
     train_step) timeout 420 python -m bench.train_step --json "$OUT/train_step.json" 2>&1 | tail -60 ;;
+    ddp1)       # issue #18: train.py under torchrun --nproc_per_node 1 (NCCL) vs alone, tokens/s
+                timeout 540 python -m bench.ddp_one_gpu --json "$OUT/ddp_one_gpu.json" 2>&1 | grep -v "^Warning" | tail -30 ;;
     falcon)     timeout 540 python -m bench.falcon_step --json "$OUT/falcon_step.json" 2>&1 | grep -v "^Warning" | tail -40 ;;
     train)      # the issue #6 GPU check: train.py itself, 7B shapes, micro-batch 2 x 2048, r=32 all-linear
                 timeout 300 python train.py --config configs/sql.yml --base_model /tmp/llama2-7b-random \
