@@ -30,6 +30,7 @@ from falcon.model import Falcon
 from llama.generate import generate
 from llama.load import config_path, is_random_base, model_dir, read_json
 from llama.tokenizer import load_tokenizer, train_bpe_tokenizer, train_tokenizer
+from qlora import distributed
 from qlora.adapter import load_adapter, save_adapter
 from qlora.atomic import check_writable_dir, clean_leftovers, write_file
 from qlora.checkpoint import (check_resume_config, find_checkpoint, list_checkpoints, load_checkpoint, rng_state,
@@ -73,8 +74,9 @@ def find_resume(cfg: TrainConfig) -> tuple[Path, dict] | None:
     """Clean up after a killed run, then (checkpoint, manifest) to resume from, its config compared
     with this run's, or None; a fresh run into an output_dir with checkpoints is refused."""
     out = Path(cfg.output_dir)
-    for line in clean_leftovers(out):
-        print(f"note: {out}: {line}", file=sys.stderr)
+    with distributed.main_first():                 # rank 0 cleans; then every rank reads the same files
+        for line in clean_leftovers(out) if distributed.is_main() else []:
+            print(f"note: {out}: {line}", file=sys.stderr)
     resume = find_checkpoint(out, cfg.resume_from_checkpoint)
     if resume is None and list_checkpoints(out):
         raise ValueError(f"output_dir {out} holds the checkpoints of an earlier run "
@@ -130,7 +132,8 @@ def deferred_interrupt():
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    cfg = check_before_loading(cfg)
+    distributed.init(cfg)                          # under torchrun: join the other ranks (else nothing)
+    cfg = check_before_loading(distributed.check_batch_size(cfg))
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg, device)
     out = Path(cfg.output_dir)
@@ -138,6 +141,10 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     print(f"device {device}, compute dtype {dtype}, output {out}")
+    if distributed.world_size() > 1 or cfg.batch_size:      # the global batch: micro-batch x GA x ranks
+        ranks = distributed.world_size()
+        print(f"{ranks} rank(s){f' ({cfg.distributed})' if ranks > 1 else ''}: {cfg.micro_batch_size} x "
+              f"{cfg.gradient_accumulation_steps} x {ranks} rows per step")
     if cfg.fp16 and device.type != "cuda":
         print("note: fp16: true has no effect on the CPU, which computes in fp32")
 
@@ -151,18 +158,19 @@ def main(argv=None) -> int:
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
     elif is_random_base(cfg.base_model):  # the demo model has no tokenizer: train one on the dataset (once, kept in output_dir)
-        texts = []
-        for spec in cfg.datasets:
-            rows = load_rows(spec["path"], spec.get("data_files"), spec.get("train_on_split"))
-            texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in rows]
-        if architecture is Falcon:        # Falcon's kind: a byte-level BPE tokenizer.json
-            if not (out / "tokenizer.json").is_file():
-                train_bpe_tokenizer(texts, hf_config["vocab_size"], out)
-            tokenizer = load_tokenizer(out / "tokenizer.json")
-        else:                             # Llama's: sentencepiece
-            if not (out / "tokenizer.model").is_file():
-                train_tokenizer(texts, hf_config["vocab_size"], out / "tokenizer.model")
-            tokenizer = load_tokenizer(out / "tokenizer.model")
+        with distributed.main_first():    # rank 0 trains it, the others then read it
+            texts = []
+            for spec in cfg.datasets:
+                rows = load_rows(spec["path"], spec.get("data_files"), spec.get("train_on_split"))
+                texts += ["".join(format_row(r, spec.get("type", "context_qa"))) for r in rows]
+            if architecture is Falcon:        # Falcon's kind: a byte-level BPE tokenizer.json
+                if not (out / "tokenizer.json").is_file():
+                    train_bpe_tokenizer(texts, hf_config["vocab_size"], out)
+                tokenizer = load_tokenizer(out / "tokenizer.json")
+            else:                             # Llama's: sentencepiece
+                if not (out / "tokenizer.model").is_file():
+                    train_tokenizer(texts, hf_config["vocab_size"], out / "tokenizer.model")
+                tokenizer = load_tokenizer(out / "tokenizer.model")
     else:
         tokenizer = load_tokenizer(model_dir(cfg.base_model))
     if tokenizer.vocab_size > hf_config["vocab_size"]:
@@ -178,19 +186,23 @@ def main(argv=None) -> int:
                       sequence_len=cfg.sequence_len, val_set_size=cfg.val_set_size, seed=cfg.seed,
                       train_on_inputs=cfg.train_on_inputs, sample_packing=cfg.sample_packing) \
         if cfg.dataset_prepared_path else ""
-    data, origin = prepare_data_cached(cfg.dataset_prepared_path, key, lambda: prepare_data(
-        cfg.datasets, tokenizer, cfg.sequence_len, cfg.val_set_size, cfg.seed, cfg.train_on_inputs,
-        cfg.sample_packing))
+    with distributed.main_first():                 # rank 0 writes the cache, the others read it
+        data, origin = prepare_data_cached(cfg.dataset_prepared_path, key, lambda: prepare_data(
+            cfg.datasets, tokenizer, cfg.sequence_len, cfg.val_set_size, cfg.seed, cfg.train_on_inputs,
+            cfg.sample_packing))
     print(f"{data.summary()} ({origin})")
     check_answers(data, cfg)
     if data.dropped:
         print(f"note: {data.dropped} rows longer than sequence_len {cfg.sequence_len} were left out, as axolotl does")
     pad_id, pad_to = pad_id_of(tokenizer), (cfg.sequence_len if cfg.pad_to_sequence_len else None)
     batches = Batches(data.train, cfg.micro_batch_size, cfg.seed, pad_id, pad_to, group_by_length=cfg.group_by_length)
+    batches = distributed.shard_batches(batches)   # several ranks: this rank's micro-batches of the one stream
 
     # ---- model: frozen (4-bit) base + LoRA adapters
     t0 = time.time()
-    model = load_base(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed)
+    fsdp = cfg.distributed == "fsdp" and distributed.launched()   # then each rank quantizes only its rows
+    model = load_base(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed,
+                      quantize=distributed.shard_quantizer if fsdp else None)
     print(f"base model loaded in {time.time() - t0:.1f}s ({'NF4' if cfg.load_in_4bit else dtype} weights)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.lora_model_dir:   # continue training an adapter (its own r, alpha and targets), as axolotl
@@ -201,8 +213,11 @@ def main(argv=None) -> int:
     else:
         apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
     print(trainable_summary(model))
+    step_model = distributed.wrap(model, cfg, device)   # the model itself; under torchrun DDP, or FSDP2 shards
+    if distributed.world_size() > 1:
+        print("\n".join(distributed.memory_report(model, device)))
     params = [p for p in model.parameters() if p.requires_grad]
-    steps_per_epoch = max(1, math.ceil(len(batches) / cfg.gradient_accumulation_steps))
+    steps_per_epoch = max(1, math.ceil(len(batches) / (cfg.gradient_accumulation_steps * distributed.world_size())))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
     optimizer, scheduler = make_optimizer(params, cfg, total_steps)
     autocast, scaler = mixed_precision(device, dtype)
@@ -211,7 +226,10 @@ def main(argv=None) -> int:
     step, best = 0, {"eval_loss": math.inf, "evals_since": 0}
     if resume is not None:   # found, and its config compared, before loading (find_resume)
         state = load_checkpoint(resume[0], model)
+        state["optimizer"] = distributed.local_optimizer_state(state["optimizer"], optimizer)
         load_training_state(optimizer, scheduler, scaler, state, cfg, total_steps)
+        for line in distributed.resume_notes(state, cfg):
+            print(line)
         batches.load_state_dict(state["data"])
         step, best = state["step"], state.get("best", best)
         print(f"resumed from {resume[0]} at step {step}")
@@ -220,34 +238,45 @@ def main(argv=None) -> int:
         input_ids = batch["input_ids"].to(device)
         packed = {k: batch[k].to(device) for k in ("position_ids", "segment_ids") if k in batch}  # sample_packing
         with autocast:
-            hidden = model(input_ids, return_hidden=True, **packed)            # (B, T, C)
+            hidden = step_model(input_ids, return_hidden=True, **packed)       # (B, T, C)
             return causal_lm_loss(hidden, model.lm_head.weight, batch["labels"].to(device), num_items=num_items)
 
     @torch.no_grad()
     def evaluate() -> float:
-        """Token-weighted like training: all val token losses summed / all val label tokens."""
+        """Token-weighted like training: all val token losses summed / all val label tokens (the
+        batches dealt out over the ranks)."""
         model.eval()
         val = list(batches_in_order(data.val, cfg.micro_batch_size, pad_id, pad_to))
         num_items = sum(label_count(b["labels"]) for b in val)
-        loss = sum(loss_of(b, num_items).item() for b in progress.bar(val, len(val), "eval", "batch", leave=False))
+        mine = distributed.my_share(val)
+        loss = sum(loss_of(b, num_items).item() if counted else 0.0
+                   for b, counted in progress.bar(mine, len(mine), "eval", "batch", leave=False))
         model.train()
-        return loss
+        return distributed.all_sum([loss])[0]
 
     def save(at: dict) -> Path:
-        trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        # Every rank joins the gathering (FSDP2 shards; each rank's RNG); rank 0 writes, the others wait.
+        trainable, optimizer_state = distributed.whole_trainable(model), distributed.whole_optimizer_state(optimizer)
+        trainer_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                          "scaler": scaler.state_dict(), "data": at["data"], "rng": at["rng"],
-                         "best": at["best"], "config": vars(cfg)}
-        with deferred_interrupt():
-            path = save_checkpoint(out, at["step"], model,
-                                   lambda d: save_adapter(model, d, cfg.base_model, overwrite=True,
-                                                          extra_files=adapter_extras), trainer_state)
-        progress.write(f"saved {path}")
+                         "rng_of_ranks": distributed.gather_objects(at["rng"]),
+                         "world_size": distributed.world_size(), "best": at["best"], "config": vars(cfg)}
+        path = out / f"checkpoint-{at['step']}"
+        if distributed.is_main():
+            with deferred_interrupt():
+                path = save_checkpoint(out, at["step"], model,
+                                       lambda d: save_adapter(model, d, cfg.base_model, overwrite=True,
+                                                              extra_files=adapter_extras, values=trainable),
+                                       trainer_state, trainable=trainable)
+            progress.write(f"saved {path}")
+        distributed.barrier()
         return path
 
     # ---- the loop
     # metrics.jsonl: one line per step; on resume, drop the lines of steps that will run again
-    metrics = MetricsLog(out / "metrics.jsonl", step if resume is not None else None)
-    events = open_event_log(out, step if resume is not None else None)     # TensorBoard, if installed
+    main_rank = distributed.is_main()              # the one that writes metrics
+    metrics = MetricsLog(out / "metrics.jsonl", step if resume is not None else None) if main_rank else None
+    events = open_event_log(out, step if resume is not None else None) if main_rank else None  # TensorBoard
     model.train()
     last_saved = resume[0] if resume is not None else None
     tokens_seen, t_log = 0, time.time()
@@ -260,8 +289,13 @@ def main(argv=None) -> int:
     try:
         while step < total_steps:
             micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
-            loss_avg = accumulate_gradients(micro_batches, loss_of, lambda loss: scaler.scale(loss).backward())
-            tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro_batches)
+            # token-weighted over the whole step: the label tokens of every rank's micro-batches
+            num_items = int(distributed.all_sum([sum(label_count(b["labels"]) for b in micro_batches)])[0])
+            loss_avg = accumulate_gradients(micro_batches, loss_of, lambda loss: scaler.scale(loss).backward(),
+                                            num_items, distributed.no_sync(step_model))
+            tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+            loss_avg, tokens = distributed.all_sum([loss_avg, tokens])      # the step's, all ranks together
+            tokens_seen += int(tokens)
             if not math.isfinite(loss_avg):
                 where = f"; the last good checkpoint is {last_saved}" if last_saved else ""
                 print(f"error: loss is {loss_avg} at step {step + 1}: stopping without saving{where}. "
@@ -280,7 +314,7 @@ def main(argv=None) -> int:
             stop = False
             if due(step, cfg.eval_steps, steps_per_epoch, total_steps) and data.val:
                 record["eval_loss"] = evaluate()
-                if cfg.eval_table_size and data.val_rows:
+                if cfg.eval_table_size and data.val_rows and distributed.is_main():
                     record["eval_table"] = eval_table(model, tokenizer, data.val_rows[:cfg.eval_table_size], device,
                                                       cfg.sequence_len)
                 if record["eval_loss"] < best["eval_loss"]:
@@ -296,7 +330,8 @@ def main(argv=None) -> int:
                 evals = f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""
                 progress.write(f"step {step:5d}/{total_steps} loss {loss_avg:.4f}{evals} lr {lr:.2e} "
                                f"{record['tokens_per_s']:.0f} tok/s mem {record['mem_gib']:.2f} GiB")
-            metrics.append(record)
+            if metrics:
+                metrics.append(record)
             log_record(events, record)
             record = None
             if stop:
@@ -307,6 +342,10 @@ def main(argv=None) -> int:
             if due(step, cfg.save_steps, steps_per_epoch, total_steps):
                 last_saved = save(resume_point)
     except KeyboardInterrupt:
+        if distributed.world_size() > 1:   # the ranks stop at different points: no gathering now
+            print(f"\ninterrupted: stopping without a new checkpoint (the last: {last_saved or 'none yet'})",
+                  file=sys.stderr)
+            return 130
         print("\ninterrupted: saving a checkpoint", file=sys.stderr)
         if record is not None and record["step"] == resume_point["step"]:
             metrics.append(record)                       # the finished step's line (its eval was cut short)
@@ -315,12 +354,17 @@ def main(argv=None) -> int:
         return 130
     finally:
         bar.close()
-        metrics.close()
+        if metrics:
+            metrics.close()
         if events is not None:
             events.close()
-    adapter_dir = save_adapter(model, out / "adapter", cfg.base_model, overwrite=True, extra_files=adapter_extras)
-    print(f"done: adapter in {adapter_dir}")
-    plot_loss(out)
+    trainable = distributed.whole_trainable(model)
+    if distributed.is_main():
+        adapter_dir = save_adapter(model, out / "adapter", cfg.base_model, overwrite=True, extra_files=adapter_extras,
+                                   values=trainable)
+        print(f"done: adapter in {adapter_dir}")
+        plot_loss(out)
+    distributed.barrier()
     return 0
 
 
@@ -383,4 +427,6 @@ def plot_loss(out: Path) -> Path | None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))   # a user's mistake: one line `error: ...`, status 1 (--debug: the traceback)
+    status = run_cli(main)    # a user's mistake: one line `error: ...`, status 1 (--debug: the traceback)
+    distributed.finish()      # under torchrun: the ranks leave the process group together
+    sys.exit(status)

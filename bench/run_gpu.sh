@@ -20,6 +20,8 @@ for stage in "$@"; do
                 timeout 480 python -m bench.batched_eval --rows .gpu-data/spider_dev.jsonl \
                   --tokenizer .gpu-data/llama2-tokenizer.model --json "$OUT/batched_eval.json" 2>&1 | tail -15 ;;
     train_step) timeout 420 python -m bench.train_step --json "$OUT/train_step.json" 2>&1 | tail -60 ;;
+    ddp1)       # issue #18: train.py under torchrun --nproc_per_node 1 (NCCL) vs alone, tokens/s
+                timeout 540 python -m bench.ddp_one_gpu --json "$OUT/ddp_one_gpu.json" 2>&1 | grep -v "^Warning" | tail -30 ;;
     falcon)     timeout 540 python -m bench.falcon_step --json "$OUT/falcon_step.json" 2>&1 | grep -v "^Warning" | tail -40 ;;
     large)      # issue 23: 70B, 34B, 13B shapes (~7 min); Unsloth from the carried .whl/unsloth when it is there,
                 # its tokenizer from .gpu-data/; the 13B checkpoint (26 GB in /tmp) is removed at the end

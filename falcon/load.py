@@ -23,7 +23,7 @@ ARCHITECTURES = {"llama": Llama, "falcon": Falcon}   # config.json's model_type 
 
 
 def load_falcon(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat16, load_in_4bit: bool = False,
-                blocksize: int = 64, double_quant: bool = True) -> Falcon:
+                blocksize: int = 64, double_quant: bool = True, quantize=None) -> Falcon:
     """A local checkpoint directory or a Hub repo id -> Falcon on `device`, every parameter frozen.
 
     load_in_4bit: query_key_value, dense, dense_h_to_4h and dense_4h_to_h become Linear4bit (NF4,
@@ -31,7 +31,8 @@ def load_falcon(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat
     `dtype`, as with transformers + bitsandbytes.
     """
     directory = model_dir(path_or_repo_id)
-    return load_weights(Falcon, FalconConfig.from_hf, directory, device, dtype, load_in_4bit, blocksize, double_quant)
+    return load_weights(Falcon, FalconConfig.from_hf, directory, device, dtype, load_in_4bit, blocksize, double_quant,
+                        quantize)
 
 
 def model_class(hf_config: dict) -> type[nn.Module]:
@@ -44,14 +45,15 @@ def model_class(hf_config: dict) -> type[nn.Module]:
 
 
 def load_model(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat16, load_in_4bit: bool = False,
-               blocksize: int = 64, double_quant: bool = True) -> nn.Module:
+               blocksize: int = 64, double_quant: bool = True, quantize=None) -> nn.Module:
     """load_llama or load_falcon, as the checkpoint's config.json says."""
     directory = model_dir(path_or_repo_id)
     load = load_falcon if model_class(read_json(directory / "config.json")) is Falcon else load_llama
-    return load(directory, device, dtype, load_in_4bit, blocksize, double_quant)
+    return load(directory, device, dtype, load_in_4bit, blocksize, double_quant, quantize)
 
 
-def random_falcon(config_path: str | Path, device, dtype: torch.dtype, load_in_4bit: bool, seed: int = 0) -> Falcon:
+def random_falcon(config_path: str | Path, device, dtype: torch.dtype, load_in_4bit: bool, seed: int = 0,
+                  quantize=None) -> Falcon:
     """A Falcon with N(0, 0.02) weights (as HF initialises them), LayerNorms 1 / 0, frozen, NF4 if asked.
 
     The output head gets N(0, 1/hidden_size) for the reason llama.load.random_llama gives; tied
@@ -70,17 +72,18 @@ def random_falcon(config_path: str | Path, device, dtype: torch.dtype, load_in_4
                 std = config.hidden_size ** -0.5 if p is model.lm_head.weight else 0.02
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
     model = model.to(device=device, dtype=dtype).requires_grad_(False)
-    return quantize_linears(model, dtype) if load_in_4bit else model
+    return quantize_linears(model, dtype, quantize) if load_in_4bit else model
 
 
-def load_base(base_model, device, dtype: torch.dtype, load_in_4bit: bool, seed: int) -> nn.Module:
+def load_base(base_model, device, dtype: torch.dtype, load_in_4bit: bool, seed: int, quantize=None) -> nn.Module:
     """The frozen base model of train.py and infer.py, Llama or Falcon as its config.json says: a
-    checkpoint through load_model, or for a config.json the demo's random model drawn with `seed`."""
+    checkpoint through load_model, or for a config.json the demo's random model drawn with `seed`.
+    quantize: what makes each Linear4bit (default llama.load.quantize_weight)."""
     path = config_path(base_model)
     if is_random_base(base_model) and not path.is_file():
         raise FileNotFoundError(f"model config {path} not found: pass a checkpoint directory, a hub id "
                                 "or a config.json")
     if not is_random_base(base_model):
-        return load_model(base_model, device, dtype, load_in_4bit)
+        return load_model(base_model, device, dtype, load_in_4bit, quantize=quantize)
     make = random_falcon if model_class(read_json(path)) is Falcon else random_llama
-    return make(path, device, dtype, load_in_4bit, seed)
+    return make(path, device, dtype, load_in_4bit, seed, quantize)

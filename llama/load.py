@@ -31,26 +31,31 @@ HUB_FILES = ["*.safetensors", "*.json", "tokenizer.model"]
 
 
 def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat16, load_in_4bit: bool = False,
-               blocksize: int = 64, double_quant: bool = True) -> Llama:
+               blocksize: int = 64, double_quant: bool = True, quantize=None) -> Llama:
     """A local checkpoint directory or a Hub repo id -> Llama on `device`, every parameter frozen.
 
     load_in_4bit: the q/k/v/o/gate/up/down projections become Linear4bit (NF4, `blocksize`, double
     quantization) with compute dtype `dtype`; everything else is stored in `dtype`. A checkpoint
     stored in 4-bit keeps its own bytes (and is dequantized to `dtype` if load_in_4bit is False).
+    quantize: what makes a Linear4bit of a weight (default quantize_weight; FSDP: only this rank's rows).
     """
     directory = model_dir(path_or_repo_id)
-    return load_weights(Llama, LlamaConfig.from_hf, directory, device, dtype, load_in_4bit, blocksize, double_quant)
+    return load_weights(Llama, LlamaConfig.from_hf, directory, device, dtype, load_in_4bit, blocksize, double_quant,
+                        quantize)
 
 
 def load_weights(model_class, read_config, directory: Path, device="cpu", dtype: torch.dtype = torch.bfloat16,
-                 load_in_4bit: bool = False, blocksize: int = 64, double_quant: bool = True) -> nn.Module:
+                 load_in_4bit: bool = False, blocksize: int = 64, double_quant: bool = True,
+                 quantize=None) -> nn.Module:
     """model_class(read_config(config.json)) with the tensors of the safetensors files in `directory`.
 
     Any model of this project whose state_dict keys are the checkpoint's and whose class names its
     block's linear layers in LINEAR_NAMES (llama.model.Llama, falcon.model.Falcon): those are
     quantized when load_in_4bit (a bias read beside them kept); an lm_head tied to the embedding is
-    not read from the file but tied again.
+    not read from the file but tied again. quantize(weight, device, dtype, blocksize, double_quant)
+    makes each Linear4bit (default quantize_weight).
     """
+    quantize = quantize or quantize_weight
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported: use torch.bfloat16, torch.float16 or torch.float32")
     if load_in_4bit and blocksize not in BLOCKSIZES:
@@ -111,7 +116,7 @@ def load_weights(model_class, read_config, directory: Path, device="cpu", dtype:
                     setattr(model.get_submodule(module_name), attr, weight)
                 elif load_in_4bit and child in model_class.LINEAR_NAMES and attr == "weight":
                     try:
-                        layer = quantize_weight(f.get_tensor(name), device, dtype, blocksize, double_quant)
+                        layer = quantize(f.get_tensor(name), device, dtype, blocksize, double_quant)
                     except ValueError as e:
                         raise ValueError(f"cannot quantize {name!r}: {e}") from e
                     _keep_bias(model.get_submodule(module_name), layer)
@@ -160,7 +165,7 @@ def quantize_weight(weight: torch.Tensor, device, dtype: torch.dtype, blocksize:
 
 
 def random_llama(config_path: str | Path, device, dtype: torch.dtype, load_in_4bit: bool,
-                 seed: int = 0) -> Llama:
+                 seed: int = 0, quantize=None) -> Llama:
     """A Llama with N(0, 0.02) weights (as HF initialises them) built from a config.json, frozen,
     projections in NF4 if asked: the demo's base model, which knows nothing before training.
 
@@ -183,7 +188,7 @@ def random_llama(config_path: str | Path, device, dtype: torch.dtype, load_in_4b
             else:
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
     model = model.to(device=device, dtype=dtype).requires_grad_(False)
-    return quantize_linears(model, dtype) if load_in_4bit else model
+    return quantize_linears(model, dtype, quantize) if load_in_4bit else model
 
 
 def _init_std(name: str, config: LlamaConfig) -> float | None:
@@ -230,12 +235,14 @@ def random_quantized_llama(config: LlamaConfig, device, dtype: torch.dtype = tor
     return model
 
 
-def quantize_linears(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Replace every nn.Linear named in model.LINEAR_NAMES by its Linear4bit (bias kept), in place."""
+def quantize_linears(model: nn.Module, dtype: torch.dtype, quantize=None) -> nn.Module:
+    """Replace every nn.Linear named in model.LINEAR_NAMES by its Linear4bit (bias kept), in place
+    (made by quantize(weight, device, dtype), default quantize_weight)."""
+    quantize = quantize or quantize_weight
     for name, module in progress.bar(list(model.named_modules()), desc="quantizing", unit="module"):
         parent, _, child = name.rpartition(".")
         if child in model.LINEAR_NAMES and isinstance(module, nn.Linear):
-            layer = quantize_weight(module.weight, module.weight.device, dtype)
+            layer = quantize(module.weight, module.weight.device, dtype)
             layer.bias = module.bias
             setattr(model.get_submodule(parent), child, layer)
     return model

@@ -136,20 +136,26 @@ def save_merged(model: nn.Module, config_dict: dict, out_dir, max_shard_size="5G
 
 # ----------------------------------------------------------------------------- PEFT adapter files
 
-def adapter_state_dict(model: nn.Module) -> dict:
-    """The adapter weights under PEFT's names: base_model.model.<path>.lora_A.weight / .lora_B.weight."""
+def adapter_state_dict(model: nn.Module, values: dict | None = None) -> dict:
+    """The adapter weights under PEFT's names: base_model.model.<path>.lora_A.weight / .lora_B.weight.
+
+    values: {parameter name (<path>.lora_a): tensor} to use instead of the layers' own (FSDP2's
+    shards, gathered whole by qlora/distributed.py)."""
     out = {}
     for name, layer in lora_layers(model).items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_a.detach()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_b.detach()
+        a, b = (values[f"{name}.lora_a"], values[f"{name}.lora_b"]) if values else (layer.lora_a, layer.lora_b)
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.detach()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.detach()
     return out
 
 
 def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None = None,
-                 overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> Path:
+                 overwrite: bool = False, extra_files: dict[str, bytes] | None = None,
+                 values: dict | None = None) -> Path:
     """Write adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads.
 
     extra_files {name: bytes} go into the same directory in the same atomic write (PEFT ignores them).
+    values: the weights to write when not the layers' own (see adapter_state_dict).
     """
     layers = lora_layers(model)
     if not layers:
@@ -167,7 +173,7 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "lora_bias": False, "revision": None,
     }
-    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model, values).items()}
 
     def write(tmp: Path) -> None:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from qlora.atomic import remove_dir, write_dir
+from qlora.distributed import copy_whole_, rng_of_this_rank
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "checkpoint.json"
@@ -29,7 +30,8 @@ MANIFEST = "checkpoint.json"
 FIXED_KEYS = ("base_model", "adapter", "load_in_4bit", "lora_model_dir", "lora_r", "lora_alpha", "lora_target_linear",
               "lora_target_modules")
 # Keys that change nothing in the numbers.
-FREE_KEYS = ("output_dir", "resume_from_checkpoint", "device", "logging_steps", "eval_steps", "save_steps")
+FREE_KEYS = ("output_dir", "resume_from_checkpoint", "device", "logging_steps", "eval_steps", "save_steps",
+             "distributed")
 
 
 def rng_state() -> dict:
@@ -52,14 +54,16 @@ def trainable_state_dict(model: torch.nn.Module) -> dict:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model, write_adapter, trainer_state: dict,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, trainable: dict | None = None) -> Path:
     """Write checkpoint-{step} atomically; `write_adapter(dir)` saves the PEFT-format adapter.
 
+    trainable: the weights to save, when not the model's own (FSDP2: gathered from the shards).
     Keeps the newest `keep` checkpoints and deletes older ones.
     """
     output_dir = Path(output_dir)
     # trainer_state may carry its own "rng" (the state at the start of an interrupted step)
-    state = {"rng": rng_state(), **trainer_state, "step": step, "trainable": trainable_state_dict(model)}
+    state = {"rng": rng_state(), **trainer_state, "step": step,
+             "trainable": trainable if trainable is not None else trainable_state_dict(model)}
 
     def write(tmp: Path) -> None:
         write_adapter(tmp)
@@ -167,7 +171,8 @@ def check_resume_config(saved: dict, now: dict) -> list[str]:
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
-    """Load trainable weights into `model`, restore RNGs; return the rest of the trainer state."""
+    """Load trainable weights into `model`, restore RNGs (this rank's, qlora/distributed.py); return the
+    rest of the trainer state."""
     file = Path(path) / STATE_FILE
     try:
         state = torch.load(file, map_location="cpu", weights_only=False)
@@ -181,6 +186,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
                          "was it made with other LoRA settings?")
     with torch.no_grad():
         for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    set_rng_state(state["rng"])
+            copy_whole_(params[name], value)               # FSDP2: this rank's rows
+    rng = rng_of_this_rank(state)                          # with several ranks: each its own
+    if rng is not None:
+        set_rng_state(rng)
     return state

@@ -76,6 +76,8 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "clip the gradient norm to this")
     micro_batch_size: int = option(8, "sequences per forward/backward")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    batch_size: int = option(0, "rows per optimizer step, all ranks together; if set it decides "
+                                "gradient_accumulation_steps (= batch_size / (micro_batch_size x ranks))")
     num_epochs: float = option(1.0, "passes over the training rows (when max_steps is 0)")
     max_steps: int = option(120, "optimizer steps to run; 0: run num_epochs (the default with a --config file)")
     bf16: str | bool = option("auto", "bf16 compute: true, false or auto (where the GPU supports it)")
@@ -92,6 +94,8 @@ class TrainConfig:
     resume_from_checkpoint: str | bool = option(False, "a checkpoint-N directory, or true for the latest in output_dir")
     seed: int = option(42, "seed of the data order, LoRA init, dropout and (demo) the random base")
     device: str = option("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    distributed: str = option("ddp", "under torchrun: ddp (every rank holds the 4-bit model) or fsdp (base and "
+                                     "adapters sharded over the ranks)")
     strict: bool = option(True, "unknown keys are errors and --key must be a key of the --config file "
                                 "(axolotl's strict); false: warnings, and the command line may add keys")
 
@@ -115,16 +119,18 @@ AXOLOTL_IGNORED = {
     "sdp_attention": "attention is SDPA anyway",
     "wandb_project": _NO_WANDB, "wandb_entity": _NO_WANDB, "wandb_watch": _NO_WANDB,
     "wandb_run_id": _NO_WANDB, "wandb_log_model": _NO_WANDB, "wandb_name": _NO_WANDB,
-    "local_rank": "one process, one GPU", "debug": "no debug dump of tokenized rows",
+    "local_rank": "torchrun sets each rank's GPU (LOCAL_RANK)", "debug": "no debug dump of tokenized rows",
     "dataset_processes": "tokenizing runs in this process",
 }
 # axolotl keys whose given value this trainer cannot honour: (the values that are fine, the fix).
 AXOLOTL_REFUSED = {
     "load_in_8bit": ((False,), "8-bit loading is not supported: use load_in_4bit (QLoRA) or adapter: lora"),
     "lora_fan_in_fan_out": ((False,), "the linear weights are (out, in): leave lora_fan_in_fan_out empty"),
-    "deepspeed": ((), "DeepSpeed is not supported (one GPU): remove deepspeed"),
-    "fsdp": ((), "FSDP is not supported (one GPU): remove fsdp"),
-    "fsdp_config": ((), "FSDP is not supported (one GPU): remove fsdp_config"),
+    "deepspeed": ((), "DeepSpeed is not supported: remove deepspeed (torchrun with distributed: ddp or fsdp "
+                      "runs on several GPUs)"),
+    "fsdp": ((), "axolotl's FSDP options are not read here: remove fsdp and set distributed: fsdp (under torchrun)"),
+    "fsdp_config": ((), "axolotl's FSDP options are not read here: remove fsdp_config and set distributed: fsdp "
+                        "(under torchrun)"),
 }
 DATASET_KEYS = ("path", "type", "data_files", "train_on_split")
 
@@ -192,6 +198,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     # query_key_value ...): train.py checks them against config.json's model before loading weights.
     if cfg.optimizer not in ("paged_adamw_32bit", "adamw_torch"):
         bad(f"optimizer {cfg.optimizer!r} is not supported: use paged_adamw_32bit or adamw_torch")
+    if cfg.distributed not in ("ddp", "fsdp"):
+        bad(f"distributed must be ddp or fsdp, got {cfg.distributed!r}")
     if cfg.lr_scheduler not in ("cosine", "constant"):
         bad(f"lr_scheduler {cfg.lr_scheduler!r} is not supported: use cosine or constant")
     for name in ("lora_r", "micro_batch_size", "gradient_accumulation_steps", "sequence_len", "logging_steps"):
@@ -200,7 +208,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.warmup_ratio >= 1:
         bad(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     for name in ("warmup_ratio", "warmup_steps", "max_steps", "weight_decay", "lora_dropout", "val_set_size",
-                 "max_grad_norm", "eval_steps", "save_steps", "eval_table_size", "early_stopping_patience"):
+                 "max_grad_norm", "eval_steps", "save_steps", "eval_table_size", "early_stopping_patience",
+                 "batch_size"):
         if getattr(cfg, name) < 0:
             bad(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.lora_dropout < 1:

@@ -417,12 +417,21 @@ class Batches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def _take(self) -> list[int]:
+        """The example indices of the next micro-batch; the position moves past them."""
         if self.index >= len(self.examples):
             self.epoch, self.index = self.epoch + 1, 0
         chosen = self.order(self.epoch)[self.index: self.index + self.micro_batch_size]
         self.index += len(chosen)
-        return collate([self.examples[i] for i in chosen], self.pad_id, self.pad_to)
+        return chosen
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return collate([self.examples[i] for i in self._take()], self.pad_id, self.pad_to)
+
+    def skip(self, n: int) -> None:
+        """Move past the next n micro-batches without collating them (those other ranks take)."""
+        for _ in range(n):
+            self._take()
 
     @property
     def epochs_done(self) -> float:

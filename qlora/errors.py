@@ -7,6 +7,7 @@ disk) or ConnectionError (the hub) with such a message; run_cli prints it and ex
 
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -37,7 +38,10 @@ def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None) -> 
     except USER_ERRORS as e:
         if debug:
             raise
-        raise SystemExit(one_line(e)) from None
+        line = one_line(e)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:     # under torchrun: which rank says it
+            line = line.replace("error: ", f"error: rank {os.environ.get('RANK', '?')}: ", 1)
+        raise SystemExit(line) from None
 
 
 def read_text(path, what: str = "file") -> str:

@@ -124,9 +124,11 @@ class Linear4bit(nn.Module):
         dtype = compute_dtype or (linear.weight.dtype if linear.weight.dtype != torch.float32 else torch.bfloat16)
         return cls.from_weight(linear.weight, linear.bias, blocksize, double_quant, dtype)
 
+    # packed and absmax are 1-D buffers, or 2-D parameters [row groups, ...] once sharded by FSDP2
+    # (qlora/distributed.py); everything below reads them flat (reshape: a view, no copy).
     @property
     def state(self) -> QuantState:
-        return QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+        return QuantState(absmax=self.absmax.reshape(-1), shape=torch.Size((self.out_features, self.in_features)),
                           dtype=self.weight_dtype, blocksize=self.blocksize, code=self.code,
                           quant_type=self.quant_type, absmax2=self.absmax2, code2=self.code2,
                           offset=self.offset)
@@ -141,7 +143,7 @@ class Linear4bit(nn.Module):
             # (autocast runs LayerNorm in fp32: Falcon's blocks) took the fp32 reference path.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if use_kernels(x):
-            return NF4Matmul.apply(x, self.bias, self.packed, self.state)
+            return NF4Matmul.apply(x, self.bias, self.packed.reshape(-1), self.state)
         # The reference: fp32 inputs, or a CPU without TRITON_INTERPRET=1.
         w = self.dequantize(x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else None)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
@@ -150,7 +152,7 @@ class Linear4bit(nn.Module):
         """grad_y [..., out] @ W -> [..., in]: the input gradient of forward, for callers that write
         their own backward (qlora.lora.LoRAFunction). W is frozen, so this is all its backward needs."""
         if use_kernels(grad_y):
-            return matmul_nf4_grad(grad_y, self.packed, self.state)
+            return matmul_nf4_grad(grad_y, self.packed.reshape(-1), self.state)
         return grad_y @ self.dequantize(grad_y.dtype)
 
     def extra_repr(self) -> str:

@@ -47,6 +47,8 @@ class LoRALinear(nn.Module):
         lora_a = torch.empty(r, self.in_features)
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
         device = _device_of(base)
+        if device.type == "meta":          # a base whose shards arrive later (FSDP2, qlora/distributed.py):
+            device = torch.device("cpu")   # A's values must live somewhere until fully_shard moves them
         self.lora_a = nn.Parameter(lora_a.to(device, dtype))                            # [r, in]
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))  # [out, r]
         self.merged = False

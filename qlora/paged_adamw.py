@@ -228,6 +228,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"PagedAdamW can only optimize floating-point parameters, got {p.dtype}")
 
     def _zeros_like_state(self, p: torch.Tensor) -> torch.Tensor:
+        p = _local(p)
         if self._is_paged(p):
             return managed_zeros(p.shape, p.device)
         return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
@@ -285,10 +286,11 @@ class PagedAdamW(torch.optim.Optimizer):
             prefetch(m)
         # The update runs in fp32: a bf16/fp16 parameter and its gradient are upcast here and the
         # result is rounded back once at the end.
-        params32 = [p if p.dtype == torch.float32 else p.float() for p in params]
-        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
+        local = [_local(p) for p in params]                 # FSDP2: this rank's rows
+        params32 = [p if p.dtype == torch.float32 else p.float() for p in local]
+        grads = [g if g.dtype == torch.float32 else g.float() for g in (_local(p.grad) for p in params)]
         _adamw_update(params32, grads, exp_avgs, exp_avg_sqs, steps, group)
-        for p, p32 in zip(params, params32):
+        for p, p32 in zip(local, params32):
             if p32 is not p:
                 p.copy_(p32)
         if self.page_out:
@@ -319,9 +321,9 @@ class PagedAdamW(torch.optim.Optimizer):
         for index, state in saved.items():
             p = params[index]
             for key in ("exp_avg", "exp_avg_sq"):
-                if tuple(state[key].shape) != tuple(p.shape):
+                if tuple(state[key].shape) != tuple(_local(p).shape):
                     raise ValueError(f"saved {key} for parameter {index} has shape {tuple(state[key].shape)}, "
-                                     f"the parameter has {tuple(p.shape)}: the state dict is for another model")
+                                     f"the parameter has {tuple(_local(p).shape)}: the state dict is for another model")
                 self.state[p][key] = self._zeros_like_state(p)
                 self.state[p][key].copy_(state[key])
 
@@ -336,6 +338,12 @@ def _chunks(params: list[torch.Tensor], max_numel: int) -> list[list[torch.Tenso
         current.append(p)
         numel += p.numel()
     return chunks + [current] if current else chunks
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A parameter or gradient sharded by FSDP2 (a DTensor) -> this rank's shard (the same memory);
+    a plain tensor -> itself. The update is elementwise, so each rank updates its own rows."""
+    return t.to_local() if hasattr(t, "to_local") else t     # DTensor, by its method (no import for the rest)
 
 
 def _adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:

@@ -15,8 +15,9 @@ from tqdm import tqdm
 
 
 def interactive() -> bool:
-    """Whether bars are drawn: stderr is a terminal and the CI variable is unset (or empty)."""
-    return sys.stderr.isatty() and not os.environ.get("CI")
+    """Whether bars are drawn: stderr is a terminal, the CI variable is unset (or empty), and this is
+    not a rank above 0 of a torchrun job (RANK, qlora/distributed.py: rank 0 speaks for all)."""
+    return sys.stderr.isatty() and not os.environ.get("CI") and os.environ.get("RANK", "0") == "0"
 
 
 def bar(iterable=None, total: int | None = None, desc: str | None = None, unit: str = "it",

@@ -99,18 +99,23 @@ def mixed_precision(device: torch.device, dtype: torch.dtype):
     return autocast, scaler
 
 
-def accumulate_gradients(micro_batches: list[dict], loss_of, backward) -> float:
+def accumulate_gradients(micro_batches: list[dict], loss_of, backward, num_items: int | None = None,
+                         no_sync=nullcontext) -> float:
     """Backward over one optimizer step's micro-batches, token-weighted -> the step's loss.
 
     loss_of(batch, num_items) is the batch's token-loss sum / num_items, the label tokens of the
     whole step (qlora/loss.py), so the accumulated gradient is that of one batch holding every
-    micro-batch's rows (transformers >= 4.46 does the same).
+    micro-batch's rows (transformers >= 4.46 does the same). num_items: that count when the step
+    spans several ranks (qlora/distributed.py), default these micro-batches'; no_sync: the context
+    of the micro-batches before the last (DDP's, which holds back the all-reduce).
     """
-    num_items = sum(label_count(b["labels"]) for b in micro_batches)
+    if num_items is None:
+        num_items = sum(label_count(b["labels"]) for b in micro_batches)
     total = 0.0
-    for batch in micro_batches:
-        loss = loss_of(batch, num_items)
-        backward(loss)
+    for i, batch in enumerate(micro_batches):
+        with no_sync() if i < len(micro_batches) - 1 else nullcontext():
+            loss = loss_of(batch, num_items)
+            backward(loss)
         total += loss.item()
     return total
 
@@ -118,7 +123,10 @@ def accumulate_gradients(micro_batches: list[dict], loss_of, backward) -> float:
 def optimizer_step(optimizer, scaler, scheduler, params, max_grad_norm: float) -> tuple[float, float]:
     """Unscale (fp16), clip the grad norm, step, zero the grads, advance the schedule -> (grad norm, lr)."""
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):          # FSDP2's sharded gradients: a DTensor norm
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = grad_norm.item()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
