@@ -24,9 +24,12 @@ def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state: NF4State) -> torch.
     return F.linear(x, dequantize_nf4_triton(packed, state, x.dtype))
 
 
-def matmul_nf4_grad(grad_y: torch.Tensor, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
-    """grad_y [..., out] (fp16 / bf16) @ W for the NF4 weight W [out, in] -> grad_x [..., in]."""
-    return grad_y @ dequantize_nf4_triton(packed, state, grad_y.dtype)
+def matmul_nf4_grad(grad_y: torch.Tensor, packed: torch.Tensor, state: NF4State,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """grad_y [..., out] (fp16 / bf16) @ W for the NF4 weight W [out, in] -> grad_x [..., in]; with
+    `out` (2-D [M, in], grad_y 2-D [M, out]) the product is added into it in cuBLAS' epilogue."""
+    w = dequantize_nf4_triton(packed, state, grad_y.dtype)
+    return grad_y @ w if out is None else out.addmm_(grad_y, w)
 
 
 class NF4Matmul(torch.autograd.Function):

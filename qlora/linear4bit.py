@@ -142,12 +142,15 @@ class Linear4bit(nn.Module):
         w = self.dequantize(x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else None)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
-    def grad_input(self, grad_y: torch.Tensor) -> torch.Tensor:
+    def grad_input(self, grad_y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """grad_y [..., out] @ W -> [..., in]: the input gradient of forward, for callers that write
-        their own backward (qlora.lora.LoRAFunction). W is frozen, so this is all its backward needs."""
+        their own backward (qlora.lora.LoRAFunction). W is frozen, so this is all its backward needs.
+        out: a 2-D [M, in] tensor to add the product into, in place (several layers that read one
+        input sum their input gradients there)."""
         if use_kernels(grad_y):
-            return matmul_nf4_grad(grad_y, self.packed, self.state)
-        return grad_y @ self.dequantize(grad_y.dtype)
+            return matmul_nf4_grad(grad_y, self.packed, self.state, out)
+        w = self.dequantize(grad_y.dtype)
+        return grad_y @ w if out is None else out.addmm_(grad_y, w)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
