@@ -184,6 +184,7 @@ class PagedAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, paged: bool = True):
         self.paged = paged
+        self._slabs: list[torch.Tensor] = []     # the managed memory holding the paged moments
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     def add_param_group(self, param_group: dict) -> None:
@@ -203,10 +204,29 @@ class PagedAdamW(torch.optim.Optimizer):
             if not p.is_floating_point():
                 raise ValueError(f"PagedAdamW can only optimize floating-point parameters, got {p.dtype}")
 
-    def _zeros_like_state(self, p: torch.Tensor) -> torch.Tensor:
-        if self.paged and p.is_cuda and p.numel() >= PAGED_MIN_NUMEL:
-            return managed_zeros(p.shape, p.device)
-        return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+    def _pages(self, p: torch.Tensor) -> bool:
+        """Whether p's moments go to managed memory."""
+        return self.paged and p.is_cuda and p.numel() >= PAGED_MIN_NUMEL
+
+    def _new_moments(self, params: list) -> None:
+        """Zero exp_avg / exp_avg_sq for params, the paged ones as views of one managed slab per
+        device: one prefetch call per step then moves all of them (224 LoRA layers on Llama-2-7B
+        made 896 calls otherwise)."""
+        paged = [p for p in params if self._pages(p)]
+        for device in dict.fromkeys(p.device for p in paged):
+            mine = [p for p in paged if p.device == device]
+            slab = managed_zeros((2 * sum(p.numel() for p in mine),), device)
+            self._slabs.append(slab)
+            start = 0
+            for p in mine:
+                n = p.numel()
+                self.state[p]["exp_avg"] = slab[start:start + n].view(p.shape)
+                self.state[p]["exp_avg_sq"] = slab[start + n:start + 2 * n].view(p.shape)
+                start += 2 * n
+        for p in params:
+            if not self._pages(p):
+                for key in ("exp_avg", "exp_avg_sq"):
+                    self.state[p][key] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -215,28 +235,28 @@ class PagedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
+        groups = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
+        fresh = []
+        for _, params in groups:
             if any(p.grad.is_sparse for p in params):
                 raise ValueError("PagedAdamW does not support sparse gradients")
+            fresh += [p for p in params if not self.state[p]]
+        for p in fresh:
+            self.state[p]["step"] = 0
+        self._new_moments(fresh)                    # m (exp_avg) and v (exp_avg_sq), zeros
+        # Page the moments in before the update reads them (section 3: "automatically evicted to
+        # CPU RAM ... and paged back into GPU memory when the memory is needed in the optimizer
+        # update step"). The prefetch is queued on the update's stream, so no sync is needed.
+        for slab in self._slabs:
+            prefetch(slab)
+        for group, params in groups:
+            if not params:
+                continue
             for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = self._zeros_like_state(p)     # m, first moment
-                    state["exp_avg_sq"] = self._zeros_like_state(p)  # v, second moment
-                state["step"] += 1
+                self.state[p]["step"] += 1
             exp_avgs = [self.state[p]["exp_avg"] for p in params]
             exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
             steps = [self.state[p]["step"] for p in params]
-            # Page the moments in before the update reads them (section 3: "automatically evicted to
-            # CPU RAM ... and paged back into GPU memory when the memory is needed in the optimizer
-            # update step"). The prefetch is queued on the update's stream, so no sync is needed.
-            for m in exp_avgs + exp_avg_sqs:
-                if m.is_cuda and self.paged and m.numel() >= PAGED_MIN_NUMEL:
-                    prefetch(m)
             # The update runs in fp32: a bf16/fp16 parameter and its gradient are upcast here and the
             # result is rounded back once at the end.
             params32 = [p if p.dtype == torch.float32 else p.float() for p in params]
@@ -274,8 +294,11 @@ class PagedAdamW(torch.optim.Optimizer):
                 if tuple(state[key].shape) != tuple(p.shape):
                     raise ValueError(f"saved {key} for parameter {index} has shape {tuple(state[key].shape)}, "
                                      f"the parameter has {tuple(p.shape)}: the state dict is for another model")
-                self.state[p][key] = self._zeros_like_state(p)
-                self.state[p][key].copy_(state[key])
+        self._slabs = []
+        self._new_moments([params[index] for index in saved])
+        for index, state in saved.items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                self.state[params[index]][key].copy_(state[key])
 
 
 def _adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:

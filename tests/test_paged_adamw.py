@@ -163,3 +163,34 @@ def test_gpu_state_lives_in_managed_memory_and_matches_torch():
     assert is_managed(ours.state[ours_p]["exp_avg"]) and is_managed(ours.state[ours_p]["exp_avg_sq"])
     assert not is_managed(ref.state[ref_p]["exp_avg"])
     torch.testing.assert_close(ours_p, ref_p, rtol=1e-6, atol=1e-7)
+
+
+def test_paged_moments_share_one_slab_and_one_prefetch_per_step(monkeypatch):
+    # The paging decision and the CUDA calls stood in for on the CPU (the GPU run is
+    # bench/paged_adamw_gpu.py): the paged moments are views of one slab, prefetched once per step,
+    # and the updates stay torch.optim.AdamW's to the bit, through a state-dict round trip too.
+    import qlora.paged_adamw as paged_adamw
+    slabs, prefetched = [], []
+    monkeypatch.setattr(paged_adamw, "managed_zeros", lambda shape, device: slabs.append(torch.zeros(shape)) or slabs[-1])
+    monkeypatch.setattr(paged_adamw, "prefetch", lambda t: prefetched.append(t.data_ptr()))
+    monkeypatch.setattr(PagedAdamW, "_pages", lambda self, p: p.numel() >= 16)   # weights paged, biases not
+    ours_model, ref_model = _tiny_model(), _tiny_model()
+    ours = PagedAdamW(_groups(ours_model), lr=1e-2, weight_decay=0.01)
+    ref = torch.optim.AdamW(_groups(ref_model), lr=1e-2, weight_decay=0.01, foreach=False)
+    _train(ours_model, ours, 3, seed=1)
+    _train(ref_model, ref, 3, seed=1)
+    assert len(slabs) == 1 and prefetched == [slabs[0].data_ptr()] * 3
+    for p in ours_model.parameters():
+        if p.requires_grad:
+            paged = p.numel() >= 16
+            for key in ("exp_avg", "exp_avg_sq"):
+                same = ours.state[p][key].untyped_storage().data_ptr() == slabs[0].untyped_storage().data_ptr()
+                assert same == paged
+    restored_model = copy.deepcopy(ours_model)
+    restored = PagedAdamW(_groups(restored_model), lr=1e-2, weight_decay=0.01)
+    restored.load_state_dict(ours.state_dict())
+    assert len(slabs) == 2
+    _train(restored_model, restored, 2, seed=2)
+    _train(ref_model, ref, 2, seed=2)
+    for p, p_ref in zip(restored_model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, p_ref)
