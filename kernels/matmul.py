@@ -32,20 +32,26 @@ def matmul_nf4_grad(grad_y: torch.Tensor, packed: torch.Tensor, state: NF4State,
     return grad_y @ w if out is None else out.addmm_(grad_y, w)
 
 
+def linear_nf4(x: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
+    """x [..., in] @ W^T (+ bias) -> [..., out], no autograd node: NF4Matmul's forward, and what
+    callers with their own backward (qlora.lora.LoRAFunction) run without a nested node."""
+    x2 = x.reshape(-1, x.shape[-1])                                       # (M, in)
+    # Decoding (a few rows): the GEMV reads the 4-bit weight once; otherwise dequant + cuBLAS.
+    y = gemv_nf4(x2, packed, state) if gemv_supported(x2, state) else matmul_nf4(x2, packed, state)
+    if bias is not None:
+        y += bias.to(y.dtype)
+    return y.view(*x.shape[:-1], y.shape[-1])                             # (..., out)
+
+
 class NF4Matmul(torch.autograd.Function):
     """y = x @ W^T (+ bias) for a frozen NF4 weight; backward returns grad_x (and grad_bias) only."""
 
     @staticmethod
     def forward(ctx, x, bias, packed, state):
-        x2 = x.reshape(-1, x.shape[-1])                                   # (M, in)
-        # Decoding (a few rows): the GEMV reads the 4-bit weight once; otherwise dequant + cuBLAS.
-        y = gemv_nf4(x2, packed, state) if gemv_supported(x2, state) else matmul_nf4(x2, packed, state)
-        if bias is not None:
-            y += bias.to(y.dtype)
         ctx.save_for_backward(packed)                                     # the 4-bit storage, not a copy
         ctx.state = state
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.view(*x.shape[:-1], y.shape[-1])                         # (..., out)
+        return linear_nf4(x, bias, packed, state)
 
     @staticmethod
     def backward(ctx, grad_y):

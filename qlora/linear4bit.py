@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import KERNEL_DTYPES, NF4Matmul, matmul_nf4_grad
+from kernels.matmul import linear_nf4
 from kernels.common import use_kernel
 from kernels.quantize import quantize_nf4_triton
 from qlora.nf4 import (QuantState, check_weight, code_midpoints, dequantize_nf4, double_quantize, nf4_code,
@@ -141,6 +142,13 @@ class Linear4bit(nn.Module):
         # The reference: fp32 inputs, or a CPU without TRITON_INTERPRET=1.
         w = self.dequantize(x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else None)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """forward's value without its autograd node, for callers that write their own backward
+        (qlora.lora.LoRAFunction: a node inside a node costs host time and records nothing)."""
+        if use_kernels(x):
+            return linear_nf4(x, self.bias, self.packed, self.state)
+        return self.forward(x)
 
     def grad_input(self, grad_y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """grad_y [..., out] @ W -> [..., in]: the input gradient of forward, for callers that write

@@ -136,7 +136,7 @@ class LoRAFunction(torch.autograd.Function):
         dtype = compute_dtype(x)
         a, b = _cast(lora_a, dtype), _cast(lora_b, dtype)               # [r, in], [out, r]
         fresh = y is None
-        y = _cast(base(x) if fresh else y, dtype)                       # (..., out); autocast's dtype already
+        y = _cast(_base_forward(base, x) if fresh else y, dtype)       # (..., out); autocast's dtype already
         x2 = _cast(x.reshape(-1, x.shape[-1]), dtype)                   # (M, in)
         xd, mask = torch.native_dropout(x2, p, True) if p > 0 else (x2, None)   # (M, in), bool (M, in)
         h = xd @ a.t()                                                  # (M, r)
@@ -196,7 +196,7 @@ class SharedInputLoRAFunction(torch.autograd.Function):
         for base, s, b, y in zip(bases, scalings, bs, kept):
             r = b.shape[1]
             fresh = y is None
-            y2 = _cast(base(x) if fresh else y, dtype).reshape(-1, b.shape[0])   # (M, out_g)
+            y2 = _cast(_base_forward(base, x) if fresh else y, dtype).reshape(-1, b.shape[0])   # (M, out_g)
             hg = h[:, start:start + r]                                      # (M, r_g), a view
             out = y2.addmm_(hg, b.t(), alpha=s) if fresh else torch.addmm(y2, hg, b.t(), alpha=s)
             outs.append(out.view(*x.shape[:-1], b.shape[0]))
@@ -269,6 +269,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # A no-op .to() is still an op the host dispatches; under autocast most of these are no-ops.
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def _base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """base(x) inside a Function's forward (grad off): a 4-bit base without its own NF4Matmul node."""
+    return base.product(x) if isinstance(base, Linear4bit) else base(x)
 
 
 def _base_grad_input(base: nn.Module, grad_y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
