@@ -4,6 +4,7 @@ their measurement, one side per subprocess, versions, and the formatting of size
 
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,10 +60,11 @@ def measure_load(load, device: torch.device):
     return model, figures
 
 
-def prepare_checkpoint(path, tiny: bool) -> Path:
-    """Write the random checkpoint unless it is there, then read every file once (warm page cache)."""
+def prepare_checkpoint(path, tiny: bool, shape: dict | None = None) -> Path:
+    """Write the random checkpoint (Llama-2-7B shapes, TINY if tiny, or `shape`) unless it is there,
+    then read every file once (warm page cache)."""
     t0 = time.perf_counter()
-    path = write_random_checkpoint(path, TINY if tiny else LLAMA2_7B)
+    path = write_random_checkpoint(path, shape or (TINY if tiny else LLAMA2_7B))
     written = time.perf_counter() - t0
     t0 = time.perf_counter()
     nbytes = 0
@@ -75,17 +77,48 @@ def prepare_checkpoint(path, tiny: bool) -> Path:
     return path
 
 
-def run_side_subprocess(module: str, side: str, extra: list[str], env: dict | None = None) -> dict:
-    """python -m <module> --side <side> --json <tmp> ...: the side's JSON, or {'error': ...}.
-    env: the child's environment (None: this one's)."""
+def run_side_subprocess(module: str, side: str, extra: list[str], env: dict | None = None,
+                        timeout: float | None = None) -> dict:
+    """python -m <module> --side <side> --json <tmp> ...: the side's JSON, or {'error': ...} (with what
+    the child had written to its JSON by then, if anything). env: the child's environment (None: this
+    one's); timeout: seconds before the child is killed (None: no limit)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{side}.json"
         cmd = [sys.executable, "-m", module, "--side", side, "--json", str(out), *extra]
         print(f"\n=== {side}: {' '.join(cmd[1:])}", flush=True)
-        proc = subprocess.run(cmd, cwd=REPO, env=env)
-        if proc.returncode != 0 or not out.is_file():
-            return {"side": side, "error": f"exit status {proc.returncode} (see the output above)"}
-        return json.loads(out.read_text())
+        try:
+            error = None
+            returncode = subprocess.run(cmd, cwd=REPO, env=env, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            error = f"killed after its {timeout:.0f} s limit"
+        if error is None and returncode == 0 and out.is_file():
+            return json.loads(out.read_text())
+        partial = json.loads(out.read_text()) if out.is_file() else {"side": side}
+        return {**partial, "error": error or f"exit status {returncode} (see the output above)"}
+
+
+def time_steps(step, batch, warmup: int, timed: int, device: torch.device, label: str,
+               before_step=None) -> dict:
+    """Run step(*batch) warmup + timed times -> losses, step times and host launch times (all steps) and
+    the medians of the timed ones. step() ends in a host sync (a .item()) and sets step.enqueued, the
+    perf_counter() when backward() had returned; before_step(), if given, runs before each step."""
+    cuda = device.type == "cuda"
+    losses, times, host = [], [], []
+    for i in range(warmup + timed):
+        if before_step is not None:
+            before_step()
+        t0 = time.perf_counter()
+        losses.append(step(*batch))
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        host.append(step.enqueued - t0)
+        print(f"{label}: step {i + 1} loss {losses[-1]:.4f} {times[-1]:.3f}s"
+              f"{' (warm-up)' if i < warmup else ''}", flush=True)
+    # Host time until backward() returned (all forward and backward kernels launched); close to
+    # the step time means the GPU waited on Python, not the other way round.
+    return dict(losses=losses, step_times_s=times, median_step_s=statistics.median(times[warmup:]),
+                host_enqueue_s=host, median_host_enqueue_s=statistics.median(host[warmup:]))
 
 
 def versions() -> dict:

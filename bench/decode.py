@@ -105,8 +105,8 @@ def bench_ours(path, device, prompt: list[int], new_tokens: int, repeats: int, c
     return result
 
 
-def bench_peer(path, device, prompt: list[int], new_tokens: int, repeats: int) -> dict:
-    model = load_peer(path, device).eval()
+def peer_greedy(model, prompt: list[int], new_tokens: int, device):
+    """transformers' greedy generate of exactly new_tokens, as a run(on_token) for timed_runs."""
     ids = torch.tensor([prompt], device=device)
 
     class Stamps:              # a transformers streamer: put() gets the prompt first, then each new token
@@ -126,7 +126,12 @@ def bench_peer(path, device, prompt: list[int], new_tokens: int, repeats: int) -
             out = model.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                  pad_token_id=0, streamer=Stamps(on_token))
         return out[0, len(prompt):].tolist()
+    return run
 
+
+def bench_peer(path, device, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+    model = load_peer(path, device).eval()
+    run = peer_greedy(model, prompt, new_tokens, device)
     result = timed_runs(run, device, repeats)
     del model
     return result

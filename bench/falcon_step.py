@@ -37,9 +37,11 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
-from bench.decode import timed_runs
+from bench.decode import peer_greedy, timed_runs
 from bench.common import REPO, measure_load, ratio, run_side_subprocess, size, versions
+from bench.step_profile import print_profile, profile_step
 from qlora.trainer import pick_device
 
 FALCON_7B = dict(hidden_size=4544, num_attention_heads=71, num_hidden_layers=32, vocab_size=65024,
@@ -145,10 +147,13 @@ def build_ours(path, r: dict, device, dtype):
 
     def step(input_ids, labels) -> float:
         with autocast:
-            loss = causal_lm_loss(model(input_ids, return_hidden=True), model.lm_head.weight, labels)
+            hidden = model(input_ids, return_hidden=True)
+            with record_function("bench:loss"):          # the profile's ranges, as bench/train_step.py
+                loss = causal_lm_loss(hidden, model.lm_head.weight, labels)
         scaler.scale(loss).backward()
         value = loss.item()
-        optimizer_step(optimizer, scaler, scheduler, params, cfg.max_grad_norm)
+        with record_function("bench:optimizer"):
+            optimizer_step(optimizer, scaler, scheduler, params, cfg.max_grad_norm)
         return value
 
     trainable, total = count_parameters(model)
@@ -178,11 +183,12 @@ def build_peer(path, r: dict, device, dtype):
             loss = model(input_ids=input_ids, labels=labels).loss
         scaler.scale(loss).backward()
         value = loss.item()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, r["max_grad_norm"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function("bench:optimizer"):
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, r["max_grad_norm"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
         return value
 
     trainable, total = model.get_nb_trainable_parameters()
@@ -199,26 +205,7 @@ def decode_ours(model, prompt, r, device, cuda_graph: bool) -> dict:
 
 
 def decode_peer(model, prompt, r, device) -> dict:
-    ids = torch.tensor([prompt], device=device)
-
-    class Stamps:              # a transformers streamer: put() gets the prompt first, then each new token
-        def __init__(self, on_token):
-            self.on_token, self.seen_prompt = on_token, False
-
-        def put(self, value):
-            if self.seen_prompt:
-                self.on_token(value)
-            self.seen_prompt = True
-
-        def end(self):
-            pass
-
-    def run(on_token):
-        with torch.no_grad():
-            out = model.generate(ids, do_sample=False, max_new_tokens=r["new_tokens"], min_new_tokens=r["new_tokens"],
-                                 pad_token_id=0, streamer=Stamps(on_token))
-        return out[0, len(prompt):].tolist()
-    return timed_runs(run, device, r["repeats"])
+    return timed_runs(peer_greedy(model, prompt, r["new_tokens"], device), device, r["repeats"])
 
 
 def run_side(side: str, path, r: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -245,6 +232,7 @@ def run_side(side: str, path, r: dict, device: torch.device, dtype: torch.dtype)
                   losses=losses, step_times_s=times, median_step_s=median,
                   tokens_per_s=r["micro_batch"] * r["seq_len"] / median,
                   peak_allocated=torch.cuda.max_memory_allocated(device) if cuda else None)
+    result["profile"] = profile_step(model, step, (ids, ids), device)    # one more step, where the time goes
 
     # ---- batch-1 decoding with the trained adapters in place (the notebook's inference setting)
     model.eval()
@@ -316,6 +304,9 @@ def main(argv=None) -> int:
     for side, res in results.items():
         if "error" in res or "skipped" in res:
             print(f"\n{side}: {res.get('error') or 'skipped: ' + res['skipped']}")
+    print_profile({side: res["profile"] for side, res in results.items() if res.get("profile")})
+    if peer.get("gradient_checkpointing") is not None:
+        print(f"\npeer: gradient checkpointing in effect: {peer['gradient_checkpointing']}")
     if peer.get("peer_4bit_layers") is not None:
         print(f"\npeer: {peer['peer_4bit_layers']} bitsandbytes Linear4bit layers")
     if ours.get("tokens_per_s") and peer.get("tokens_per_s") and ours.get("peak_allocated"):

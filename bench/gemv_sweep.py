@@ -24,7 +24,7 @@ import triton
 from triton.testing import do_bench
 
 import kernels.gemv as G
-from bench.kernels import ROTATE_BYTES, ceilings
+from bench.kernels import ROTATE_BYTES, ceilings, graph_us
 from kernels.dequant import kernel_args
 from qlora.nf4 import QuantState, dequantize_nf4
 
@@ -87,28 +87,6 @@ def time_us(fn, rotate, rep=100):
         return 1.0
     counter = iter(range(10**9))
     return 1e3 * do_bench(lambda: fn(next(counter) % rotate), warmup=10, rep=rep, return_mode="median")
-
-
-def graph_us(fn, rotate, replays=20):
-    """Per-call time of fn(0..rotate-1) captured back to back in one CUDA graph."""
-    if DEVICE == "cpu":
-        return 1.0
-    for i in range(rotate):
-        fn(i)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(rotate):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1e3 * start.elapsed_time(end) / (replays * rotate)
 
 
 def weights_for(bnb_f, N, K):

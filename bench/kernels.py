@@ -83,7 +83,11 @@ def check(weights, bnb_f, bnb, tokens: int) -> dict:
 
 def graph_us(fn, rotate: int, replays: int = 20) -> float:
     """Per-call time of fn(0), ..., fn(rotate - 1) captured back to back in one CUDA graph: launch
-    gaps as in a graphed decode step, weights still rotated beyond L2."""
+    gaps as in a graphed decode step, weights still rotated beyond L2. On the CPU (a smoke run under
+    the interpreter) there are no graphs: one call, and 1.0."""
+    if not torch.cuda.is_available():
+        fn(0)
+        return 1.0
     for i in range(rotate):
         fn(i)                                             # compile / autotune outside the capture
     torch.cuda.synchronize()

@@ -1,7 +1,9 @@
-"""A Llama-2-7B-shaped checkpoint with random weights, written by transformers, for the GPU benchmarks.
+"""A Llama-2-7B-shaped checkpoint with random weights, written by transformers, for the GPU benchmarks;
+and the config.json shapes of the larger models (bench/large.py builds those on the GPU instead).
 
-    write_random_checkpoint(path)            # 7B shapes, bf16, sharded safetensors (~13.5 GB)
-    write_random_checkpoint(path, TINY)      # the same code path at test size, on the CPU
+    write_random_checkpoint(path)                # 7B shapes, bf16, sharded safetensors (~13.5 GB)
+    write_random_checkpoint(path, LLAMA2_13B)    # 13B shapes (~26 GB)
+    write_random_checkpoint(path, TINY)          # the same code path at test size, on the CPU
 
 The benchmarks load these files through our loader and through transformers + bitsandbytes, so
 both sides read the same bytes. Random weights: speed and memory do not depend on their values.
@@ -18,6 +20,14 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32
                  rope_theta=10000.0, tie_word_embeddings=False)
 TINY = dict(LLAMA2_7B, hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
             num_key_value_heads=8, vocab_size=512)
+LLAMA2_13B = dict(LLAMA2_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                  num_key_value_heads=40)
+# CodeLlama-34B's shapes (grouped-query attention, rope_theta 1e6) with Llama 2's vocabulary, as issue 23 asks.
+CODELLAMA_34B = dict(LLAMA2_7B, hidden_size=8192, intermediate_size=22016, num_hidden_layers=48,
+                     num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=16384,
+                     rope_theta=1000000.0)
+LLAMA2_70B = dict(LLAMA2_7B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                  num_key_value_heads=8)
 
 
 def write_random_checkpoint(path, shape: dict = LLAMA2_7B, seed: int = 0) -> Path:
@@ -32,7 +42,7 @@ def write_random_checkpoint(path, shape: dict = LLAMA2_7B, seed: int = 0) -> Pat
     config = LlamaConfig(**shape, torch_dtype="bfloat16")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):          # initialising 6.7B parameters on the CPU takes minutes
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)   # 13B: 52 GB in fp32 first, on an H200
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp, max_shard_size="2GB", safe_serialization=True)
     del model

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in the order the device sessions ran them; each stage's JSON goes to $OUT.
 #   bash bench/run_gpu.sh kernels load        # then: decode train, then: train_step; fused: bench/fused_kernels.py
+#   bash bench/run_gpu.sh large               # issue 23 alone: one device call of ~7 min
 # bitsandbytes comes from the unpacked wheel in .bnb (README, Notes); the 7B-shaped random
 # checkpoint is written once to /tmp/llama2-7b-random by the first stage that needs it.
 set -uo pipefail
@@ -20,6 +21,12 @@ for stage in "$@"; do
                   --tokenizer .gpu-data/llama2-tokenizer.model --json "$OUT/batched_eval.json" 2>&1 | tail -15 ;;
     train_step) timeout 420 python -m bench.train_step --json "$OUT/train_step.json" 2>&1 | tail -60 ;;
     falcon)     timeout 540 python -m bench.falcon_step --json "$OUT/falcon_step.json" 2>&1 | grep -v "^Warning" | tail -40 ;;
+    large)      # issue 23: 70B, 34B, 13B shapes (~7 min); Unsloth from the carried .whl/unsloth when it is there,
+                # its tokenizer from .gpu-data/; the 13B checkpoint (26 GB in /tmp) is removed at the end
+                u=(); if ls .whl/unsloth/*.whl >/dev/null 2>&1 && python -m pip install -q --no-index --no-deps \
+                  --no-compile --target /tmp/site-unsloth .whl/unsloth/*.whl; then u=(--unsloth_path /tmp/site-unsloth); fi
+                PYTHONUNBUFFERED=1 timeout 570 python -m bench.large "${u[@]}" --json "$OUT/large.json" 2>&1 \
+                  | grep -v "^Warning" | tee "$OUT/large.log" | tail -70 ;;
     train)      # the issue #6 GPU check: train.py itself, 7B shapes, micro-batch 2 x 2048, r=32 all-linear
                 timeout 300 python train.py --config configs/sql.yml --base_model /tmp/llama2-7b-random \
                   --tokenizer out/llama2-tokenizer.model --datasets builtin:sql --max_steps 10 \

@@ -23,11 +23,11 @@ def scope_of(module) -> str | None:
         return "lora"
     if name in ("Linear4bit", "Linear8bitLt"):            # qlora.linear4bit and bitsandbytes.nn
         return "base"
-    if name.endswith("RMSNorm"):
+    if name.endswith("RMSNorm") or name == "LayerNorm":   # Llama's RMSNorm, Falcon's LayerNorm
         return "norm"
-    if name in ("Attention", "LlamaAttention"):
+    if name in ("Attention", "LlamaAttention", "FalconAttention"):
         return "attention"
-    if name in ("MLP", "LlamaMLP"):
+    if name in ("MLP", "LlamaMLP", "FalconMLP"):
         return "mlp"
     return None
 
@@ -37,7 +37,10 @@ def scope_of(module) -> str | None:
 # which would otherwise count as LoRA (the node's forward scope); _base_forward is the base's
 # product inside LoRAFunction's forward (Linear4bit.product: no module call, so no module hook).
 SCOPED_FUNCTIONS = [("llama.model", "apply_rope", "rope"), ("llama.model", "apply_rope_qk", "rope"),
+                    ("llama.model", "apply_rope_fused", "rope"), ("falcon.model", "apply_rope", "rope"),
+                    ("falcon.model", "apply_rope_fused", "rope"),
                     ("transformers.models.llama.modeling_llama", "apply_rotary_pos_emb", "rope"),
+                    ("transformers.models.falcon.modeling_falcon", "apply_rotary_pos_emb", "rope"),
                     ("qlora.lora", "_base_grad_input", "base"), ("qlora.lora", "_base_forward", "base")]
 
 # (row, group): the groups are the ones issue #8 asks for; the rows say where inside them.
@@ -47,9 +50,9 @@ ROWS = [("matmul: frozen base (4-bit linears)", "matmul"),
         ("matmul: other", "matmul"),
         ("dequant (+ other ops inside the 4-bit linear)", "dequant"),
         ("attention (SDPA kernels)", "attention"),
-        ("norms (RMSNorm)", "norms"),
+        ("norms (RMSNorm, LayerNorm)", "norms"),
         ("RoPE", "elementwise"),
-        ("SwiGLU (silu, mul)", "elementwise"),
+        ("MLP activation (SwiGLU; Falcon GELU)", "elementwise"),
         ("LoRA elementwise (dropout, scale, add, casts, grad accumulation)", "elementwise"),
         ("attention glue (transposes, copies)", "elementwise"),
         ("other elementwise (residual adds, embedding)", "elementwise"),
@@ -78,9 +81,9 @@ def row_of(kernel: str, scope: str | None) -> str:
         return "loss (cross-entropy)"
     if n.startswith(("memcpy", "memset")) or scope == "unattributed":
         return "other (memcpy, memset, unattributed)"
-    if scope == "norm" or "rms" in n:
-        return "norms (RMSNorm)"
-    by_scope = {"rope": "RoPE", "mlp": "SwiGLU (silu, mul)",
+    if scope == "norm" or "rms" in n or "layer_norm" in n:
+        return "norms (RMSNorm, LayerNorm)"
+    by_scope = {"rope": "RoPE", "mlp": "MLP activation (SwiGLU; Falcon GELU)",
                 "lora": "LoRA elementwise (dropout, scale, add, casts, grad accumulation)",
                 "attention": "attention glue (transposes, copies)"}
     return by_scope.get(scope, "other elementwise (residual adds, embedding)")

@@ -29,7 +29,6 @@ the recomputed FLOPs too. (The common 6N rule would count weight gradients the f
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -39,7 +38,7 @@ import torch
 from torch.profiler import record_function
 
 from bench.common import (CHECKPOINT_7B, CHECKPOINT_TINY, REPO, load_ours, load_peer, measure_load, prepare_checkpoint,
-                          ratio, run_side_subprocess, size, versions)
+                          ratio, run_side_subprocess, size, time_steps, versions)
 from bench.step_profile import print_profile, profile_step
 from qlora.atomic import write_text
 from qlora.trainer import pick_device
@@ -78,8 +77,6 @@ def build_ours(s: Settings, device: torch.device):
     """train.py's model, optimizer and step -> (model, step(input_ids, labels) -> loss, info)."""
     from qlora import trainer
     from qlora.config import TrainConfig
-    from qlora.lora import apply_lora, count_parameters
-    from qlora.loss import causal_lm_loss
 
     cfg = TrainConfig(base_model=s.checkpoint, load_in_4bit=True, lora_r=s.lora_r, lora_alpha=s.lora_alpha,
                       lora_dropout=s.lora_dropout, learning_rate=s.learning_rate, weight_decay=0.0,
@@ -88,12 +85,23 @@ def build_ours(s: Settings, device: torch.device):
                       micro_batch_size=s.micro_batch, sequence_len=s.seq_len, seed=s.seed)
     dtype = trainer.pick_dtype(cfg, device)         # bf16 on the GPU, fp32 on the CPU (as train.py)
     model, load = measure_load(lambda: load_ours(cfg.base_model, device, dtype), device)
-    # From here on, train.py's lines in its order, through qlora/trainer.py as train.py calls it.
+    step, info = ours_step(model, cfg, device, dtype, s.warmup_steps + s.timed_steps + 1)
+    return model, step, dict(load=load, **info)
+
+
+def ours_step(model, cfg, device: torch.device, dtype: torch.dtype, total_steps: int):
+    """train.py's adapters, optimizer and step on a loaded base model -> (step(input_ids, labels) -> loss,
+    info). step.optimizer and step.params are the optimizer and the trainable parameters."""
+    from qlora import trainer
+    from qlora.lora import apply_lora, count_parameters
+    from qlora.loss import causal_lm_loss
+
+    # train.py's lines in its order, through qlora/trainer.py as train.py calls it.
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    torch.manual_seed(s.seed)
+    torch.manual_seed(cfg.seed)
     apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = trainer.make_optimizer(params, cfg, s.warmup_steps + s.timed_steps + 1)
+    optimizer, scheduler = trainer.make_optimizer(params, cfg, total_steps)
     autocast, scaler = trainer.mixed_precision(device, dtype)
     model.train()
 
@@ -109,15 +117,15 @@ def build_ours(s: Settings, device: torch.device):
             trainer.optimizer_step(optimizer, scaler, scheduler, params, cfg.max_grad_norm)
         return loss_value
 
+    step.optimizer, step.params = optimizer, params
     trainable, total = count_parameters(model)
-    info = dict(load=load, compute_dtype=str(dtype), trainable_params=trainable, total_params=total)
-    return model, step, info
+    return step, dict(compute_dtype=str(dtype), trainable_params=trainable, total_params=total)
 
 
 def build_peer(s: Settings, device: torch.device):
     """transformers + PEFT + bitsandbytes, as a typical QLoRA script -> (model, step, info)."""
-    import bitsandbytes as bnb
-    import transformers  # noqa: F401  (imported before load_peer's clock starts)
+    import bitsandbytes  # noqa: F401  (imported before load_peer's clock starts)
+    import transformers  # noqa: F401
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM  # noqa: F401
 
@@ -128,6 +136,14 @@ def build_peer(s: Settings, device: torch.device):
     lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules="all-linear",
                       bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    return model, peer_step(model, s, device), dict(load=load, **peer_info(model))
+
+
+def peer_step(model, s: Settings, device: torch.device):
+    """What a typical QLoRA script runs on a PEFT model (Trainer with bf16=True, bnb PagedAdamW32bit)
+    -> step(input_ids, labels) -> loss; step.optimizer and step.params as for ours_step."""
+    import bitsandbytes as bnb
+
     params = [p for p in model.parameters() if p.requires_grad]
     # bnb's default weight_decay is 1e-2; the Trainer (and ours) pass 0.
     optimizer = bnb.optim.PagedAdamW32bit(params, lr=s.learning_rate, weight_decay=0.0)
@@ -147,9 +163,13 @@ def build_peer(s: Settings, device: torch.device):
             scheduler.step()
         return loss_value
 
+    step.optimizer, step.params = optimizer, params
+    return step
+
+
+def peer_info(model) -> dict:
     trainable, total = model.get_nb_trainable_parameters()
-    info = dict(load=load, compute_dtype="torch.bfloat16", trainable_params=trainable, total_params=total)
-    return model, step, info
+    return dict(compute_dtype="torch.bfloat16", trainable_params=trainable, total_params=total)
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -195,23 +215,10 @@ def run_side(side: str, s: Settings, device: torch.device, do_profile: bool) -> 
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    losses, times, host = [], [], []
-    for i in range(s.warmup_steps + s.timed_steps):
-        t0 = time.perf_counter()
-        losses.append(step(*batch))           # step() ends in .item() calls: the GPU is done
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-        host.append(step.enqueued - t0)
-        print(f"{side}: step {i + 1} loss {losses[-1]:.4f} {times[-1]:.3f}s"
-              f"{' (warm-up)' if i < s.warmup_steps else ''}", flush=True)
-    median = statistics.median(times[s.warmup_steps:])
-    result = dict(side=side, device=str(device), settings=asdict(s), versions=versions(), **info,
-                  losses=losses, step_times_s=times, median_step_s=median,
-                  # Host time until backward() returned (all forward and backward kernels launched);
-                  # close to the step time means the GPU waited on Python, not the other way round.
-                  host_enqueue_s=host, median_host_enqueue_s=statistics.median(host[s.warmup_steps:]),
-                  tokens_per_s=s.micro_batch * s.seq_len / median, flops_per_token=flops_per_token(config, s))
+    timing = time_steps(step, batch, s.warmup_steps, s.timed_steps, device, side)
+    result = dict(side=side, device=str(device), settings=asdict(s), versions=versions(), **info, **timing,
+                  tokens_per_s=s.micro_batch * s.seq_len / timing["median_step_s"],
+                  flops_per_token=flops_per_token(config, s))
     if cuda:
         result.update(peak_allocated=torch.cuda.max_memory_allocated(device),
                       peak_reserved=torch.cuda.max_memory_reserved(device),

@@ -1,6 +1,7 @@
 """Load a Hugging Face Llama checkpoint (safetensors) into llama.model.Llama, optionally in NF4; or
-build the demo's randomly initialised Llama from a config.json. load_weights does the loading for
-any architecture of this project (falcon/load.py uses it for Falcon).
+build the demo's randomly initialised Llama from a config.json, or a random NF4 Llama of any size
+drawn and quantized on the device weight by weight (random_quantized_llama: the 70B benchmark).
+load_weights does the loading for any architecture of this project (falcon/load.py uses it for Falcon).
 
 Streaming, so that a 7B model quantizes on a GPU with little more memory than its 4-bit size:
 the model is built on the meta device (no memory), then each tensor is read from the memory-
@@ -176,13 +177,57 @@ def random_llama(config_path: str | Path, device, dtype: torch.dtype, load_in_4b
     model = Llama(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
+            std = _init_std(name, config)
+            if std is None:
                 p.fill_(1.0)
             else:
-                std = config.hidden_size ** -0.5 if name == "lm_head.weight" else 0.02
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
     model = model.to(device=device, dtype=dtype).requires_grad_(False)
     return quantize_linears(model, dtype) if load_in_4bit else model
+
+
+def _init_std(name: str, config: LlamaConfig) -> float | None:
+    """The random models' init of parameter `name`: None for a norm weight (all ones), else the std
+    of its normal draw (lm_head 1 / sqrt(hidden): see random_llama)."""
+    if name.endswith("norm.weight") or "layernorm" in name:
+        return None
+    return config.hidden_size ** -0.5 if name == "lm_head.weight" else 0.02
+
+
+def _random_tensor(shape, std: float | None, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """N(0, std^2) in `dtype` on the generator's device, or ones where std is None (a norm weight)."""
+    if std is None:
+        return torch.ones(shape, device=generator.device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).mul_(std)
+
+
+def random_quantized_llama(config: LlamaConfig, device, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                           blocksize: int = 64, double_quant: bool = True) -> Llama:
+    """A frozen Llama of `config`'s shapes with random weights (random_llama's init), built on `device`
+    one weight at a time: each block projection is drawn in `dtype` and quantized to NF4 (+ double
+    quantization, compute dtype `dtype`) before the next is drawn; the rest stays dense in `dtype`.
+
+    For benchmarking models whose 16-bit checkpoint would not fit the disk (Llama-2-70B: 138 GB): the
+    device never holds more than the 4-bit model, one 16-bit weight and quantize_weight's scratch.
+    The weights come from one `device` generator seeded with `seed`, in parameter order.
+    """
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Llama(config)                                  # shapes only, no memory
+    generator = torch.Generator(device).manual_seed(seed)
+    for name, p in list(model.named_parameters()):             # a tied lm_head is listed once
+        module_name, _, attr = name.rpartition(".")
+        parent_name, _, child = module_name.rpartition(".")
+        w = _random_tensor(p.shape, _init_std(name, config), generator, dtype)
+        if child in Llama.LINEAR_NAMES and attr == "weight":
+            setattr(model.get_submodule(parent_name), child, quantize_weight(w, device, dtype, blocksize, double_quant))
+        else:
+            setattr(model.get_submodule(module_name), attr, nn.Parameter(w, requires_grad=False))
+        del w                                                  # before the next draw: one 16-bit weight at a time
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(config, device)             # the one buffer not drawn
+    return model
 
 
 def quantize_linears(model: nn.Module, dtype: torch.dtype) -> nn.Module:

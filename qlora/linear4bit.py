@@ -137,6 +137,10 @@ class Linear4bit(nn.Module):
         return dequantize_nf4(self.packed, self.state).to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            # What F.linear does under autocast: compute in autocast's dtype. Without this an fp32 input
+            # (autocast runs LayerNorm in fp32: Falcon's blocks) took the fp32 reference path.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         if use_kernels(x):
             return NF4Matmul.apply(x, self.bias, self.packed, self.state)
         # The reference: fp32 inputs, or a CPU without TRITON_INTERPRET=1.

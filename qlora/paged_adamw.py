@@ -8,14 +8,21 @@ before the optimizer update. This file does the same with nothing but the CUDA r
 * `managed_zeros` allocates an fp32 tensor with cudaMallocManaged (through ctypes) and hands it to
   PyTorch through `__cuda_array_interface__`; the memory is freed when the tensor dies.
 * `prefetch` asks the driver to migrate those pages to the GPU ahead of the update
-  (cudaMemPrefetchAsync on the current stream), so the update kernels do not page-fault.
+  (cudaMemPrefetchAsync on the current stream), so the update kernels do not page-fault;
+  `page_out` migrates them to host RAM, as the driver does when the GPU runs out of memory.
 * `PagedAdamW` is AdamW (Loshchilov & Hutter, decoupled weight decay), with exactly the update
   order and bias correction of torch.optim.AdamW, whose exp_avg / exp_avg_sq come from
   `managed_zeros` when the parameter is on a GPU. On the CPU, or with paged=False, they are
   ordinary tensors and it is a plain AdamW.
 
 The state is fp32 whatever the parameter dtype (as bitsandbytes' PagedAdamW32bit): a bf16
-parameter is updated in fp32 and rounded back.
+parameter is updated in fp32 and rounded back. The update runs over the parameters in chunks of at
+most UPDATE_CHUNK_NUMEL values, so its temporaries (sqrt(v), fp32 copies) stay small beside a 70B
+model's 0.8B LoRA values, and each chunk's state is paged in just before its update. With
+page_out=True each chunk's state goes back to host RAM after its update: the GPU then holds at most
+one chunk of optimizer state, for a memory budget that the state does not fit beside the model in
+(bench/large.py). The driver would evict the pages itself only when the GPU is full, which means
+oversubscribing managed memory; page_out moves them on purpose instead.
 """
 
 import ctypes
@@ -31,9 +38,13 @@ import torch
 # bitsandbytes pages only tensors of at least 1e5 elements: smaller ones cost more in page-table
 # bookkeeping and prefetch calls than they could ever save, so they stay in ordinary GPU memory.
 PAGED_MIN_NUMEL = 100_000
+# Values per optimizer-update chunk: 2^26 fp32 values are 256 MiB of temporaries per foreach op.
+UPDATE_CHUNK_NUMEL = 2**26
 
 CUDA_MEM_ATTACH_GLOBAL = 1        # cudaMemAttachGlobal: any stream on any device may touch it
 CUDA_MEM_LOCATION_TYPE_DEVICE = 1  # cudaMemLocationTypeDevice: `id` is a device ordinal
+CUDA_MEM_LOCATION_TYPE_HOST = 2    # cudaMemLocationTypeHost: host RAM (`id` ignored)
+CUDA_CPU_DEVICE_ID = -1            # cudaCpuDeviceId: host RAM as a prefetch destination before CUDA 13
 CUDA_MEMORY_TYPE_MANAGED = 3       # cudaMemoryTypeManaged, as cudaPointerGetAttributes reports it
 
 
@@ -149,15 +160,27 @@ def managed_zeros(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 def prefetch(tensor: torch.Tensor) -> None:
     """Ask the driver to move a managed tensor's pages to its GPU, on the current stream."""
+    _prefetch_to(tensor, tensor.device.index)
+
+
+def page_out(tensor: torch.Tensor) -> None:
+    """Ask the driver to move a managed tensor's pages to host RAM, on the current stream (after the
+    kernels queued before it; the next use on the GPU, or `prefetch`, brings them back)."""
+    _prefetch_to(tensor, None)
+
+
+def _prefetch_to(tensor: torch.Tensor, index: int | None) -> None:
+    """cudaMemPrefetchAsync of the tensor's bytes to GPU `index`, or to the host for None."""
     lib, version = _cudart()
-    index = tensor.device.index
     stream = ctypes.c_void_p(torch.cuda.current_stream(tensor.device).cuda_stream)
     nbytes = tensor.numel() * tensor.element_size()
     if version >= 13000:
-        location = _MemLocation(CUDA_MEM_LOCATION_TYPE_DEVICE, index)
+        location = (_MemLocation(CUDA_MEM_LOCATION_TYPE_HOST, 0) if index is None
+                    else _MemLocation(CUDA_MEM_LOCATION_TYPE_DEVICE, index))
         err = lib.cudaMemPrefetchAsync(ctypes.c_void_p(tensor.data_ptr()), nbytes, location, 0, stream)
     else:
-        err = lib.cudaMemPrefetchAsync(ctypes.c_void_p(tensor.data_ptr()), nbytes, index, stream)
+        device = CUDA_CPU_DEVICE_ID if index is None else index
+        err = lib.cudaMemPrefetchAsync(ctypes.c_void_p(tensor.data_ptr()), nbytes, device, stream)
     _check(lib, err, "cudaMemPrefetchAsync")
 
 
@@ -182,9 +205,10 @@ class PagedAdamW(torch.optim.Optimizer):
     """AdamW (torch.optim.AdamW's update) with fp32 moments in CUDA unified memory when paged."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, paged: bool = True):
+                 weight_decay: float = 0.0, paged: bool = True, page_out: bool = False):
         self.paged = paged
-        self._slabs: list[torch.Tensor] = []     # the managed memory holding the paged moments
+        self.page_out = page_out      # state back to host RAM after each chunk's update (see the top)
+        self._slabs: list[torch.Tensor] = []     # the managed memory the paged moments are views of
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     def add_param_group(self, param_group: dict) -> None:
@@ -204,15 +228,12 @@ class PagedAdamW(torch.optim.Optimizer):
             if not p.is_floating_point():
                 raise ValueError(f"PagedAdamW can only optimize floating-point parameters, got {p.dtype}")
 
-    def _pages(self, p: torch.Tensor) -> bool:
-        """Whether p's moments go to managed memory."""
-        return self.paged and p.is_cuda and p.numel() >= PAGED_MIN_NUMEL
-
-    def _new_moments(self, params: list) -> None:
-        """Zero exp_avg / exp_avg_sq for params, the paged ones as views of one managed slab per
-        device: one prefetch call per step then moves all of them (224 LoRA layers on Llama-2-7B
-        made 896 calls otherwise)."""
-        paged = [p for p in params if self._pages(p)]
+    def _new_moments(self, params: list[torch.Tensor]) -> None:
+        """Zero exp_avg / exp_avg_sq for params; the paged ones are views of one managed slab per
+        device, laid out in parameter order (m, v, m, v, ...), so a chunk's state is one range of
+        memory: one prefetch call per chunk (`_coalesced`), where 224 LoRA layers of Llama-2-7B made
+        896 calls per step."""
+        paged = [p for p in params if self._is_paged(p)]
         for device in dict.fromkeys(p.device for p in paged):
             mine = [p for p in paged if p.device == device]
             slab = managed_zeros((2 * sum(p.numel() for p in mine),), device)
@@ -220,13 +241,29 @@ class PagedAdamW(torch.optim.Optimizer):
             start = 0
             for p in mine:
                 n = p.numel()
-                self.state[p]["exp_avg"] = slab[start:start + n].view(p.shape)
-                self.state[p]["exp_avg_sq"] = slab[start + n:start + 2 * n].view(p.shape)
+                self.state[p]["exp_avg"] = slab[start:start + n].view(p.shape)             # m, first moment
+                self.state[p]["exp_avg_sq"] = slab[start + n:start + 2 * n].view(p.shape)  # v, second moment
                 start += 2 * n
         for p in params:
-            if not self._pages(p):
+            if not self._is_paged(p):
                 for key in ("exp_avg", "exp_avg_sq"):
                     self.state[p][key] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+    def _is_paged(self, tensor: torch.Tensor) -> bool:
+        """Whether the state of (or for) a tensor of this size and device lives in managed memory."""
+        return self.paged and tensor.is_cuda and tensor.numel() >= PAGED_MIN_NUMEL
+
+    def paged_state(self) -> list[torch.Tensor]:
+        """The moments that live in managed memory (those of GPU parameters of >= PAGED_MIN_NUMEL values)."""
+        return [m for state in self.state.values() for key in ("exp_avg", "exp_avg_sq")
+                if key in state and self._is_paged(m := state[key])]
+
+    def evict_state(self) -> int:
+        """Page every managed moment out to host RAM now (queued on the current stream) -> bytes asked to move."""
+        moments = self.paged_state()
+        for run in _coalesced(moments):
+            page_out(run)
+        return sum(m.numel() * m.element_size() for m in moments)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -236,36 +273,43 @@ class PagedAdamW(torch.optim.Optimizer):
                 loss = closure()
 
         groups = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
-        fresh = []
-        for _, params in groups:
-            if any(p.grad.is_sparse for p in params):
-                raise ValueError("PagedAdamW does not support sparse gradients")
-            fresh += [p for p in params if not self.state[p]]
+        if any(p.grad.is_sparse for _, params in groups for p in params):
+            raise ValueError("PagedAdamW does not support sparse gradients")
+        fresh = [p for _, params in groups for p in params if not self.state[p]]
         for p in fresh:
             self.state[p]["step"] = 0
-        self._new_moments(fresh)                    # m (exp_avg) and v (exp_avg_sq), zeros
-        # Page the moments in before the update reads them (section 3: "automatically evicted to
-        # CPU RAM ... and paged back into GPU memory when the memory is needed in the optimizer
-        # update step"). The prefetch is queued on the update's stream, so no sync is needed.
-        for slab in self._slabs:
-            prefetch(slab)
+        self._new_moments(fresh)                 # every group's at once: one slab
         for group, params in groups:
             if not params:
                 continue
             for p in params:
                 self.state[p]["step"] += 1
-            exp_avgs = [self.state[p]["exp_avg"] for p in params]
-            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
-            steps = [self.state[p]["step"] for p in params]
-            # The update runs in fp32: a bf16/fp16 parameter and its gradient are upcast here and the
-            # result is rounded back once at the end.
-            params32 = [p if p.dtype == torch.float32 else p.float() for p in params]
-            grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
-            _adamw_update(params32, grads, exp_avgs, exp_avg_sqs, steps, group)
-            for p, p32 in zip(params, params32):
-                if p32 is not p:
-                    p.copy_(p32)
+            for chunk in _chunks(params, UPDATE_CHUNK_NUMEL):
+                self._update(chunk, group)
         return loss
+
+    def _update(self, params: list[torch.Tensor], group: dict) -> None:
+        """AdamW on one chunk of a group's parameters: page its state in, update, page out if asked."""
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        steps = [self.state[p]["step"] for p in params]
+        # Page the moments in before the update reads them (section 3: "automatically evicted to
+        # CPU RAM ... and paged back into GPU memory when the memory is needed in the optimizer
+        # update step"). The prefetch is queued on the update's stream, so no sync is needed.
+        paged = _coalesced([m for m in exp_avgs + exp_avg_sqs if self._is_paged(m)])
+        for run in paged:
+            prefetch(run)
+        # The update runs in fp32: a bf16/fp16 parameter and its gradient are upcast here and the
+        # result is rounded back once at the end.
+        params32 = [p if p.dtype == torch.float32 else p.float() for p in params]
+        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
+        _adamw_update(params32, grads, exp_avgs, exp_avg_sqs, steps, group)
+        for p, p32 in zip(params, params32):
+            if p32 is not p:
+                p.copy_(p32)
+        if self.page_out:
+            for run in paged:
+                page_out(run)            # queued after the update kernels that read it
 
     def state_dict(self) -> dict:
         """torch's optimizer state dict, with the moments copied to ordinary CPU tensors."""
@@ -299,6 +343,31 @@ class PagedAdamW(torch.optim.Optimizer):
         for index, state in saved.items():
             for key in ("exp_avg", "exp_avg_sq"):
                 self.state[params[index]][key].copy_(state[key])
+
+
+def _coalesced(moments: list[torch.Tensor]) -> list[torch.Tensor]:
+    """1-D views covering `moments`, those that lie back to back in one slab merged into one view."""
+    runs = []                                      # [slab, first value, end]
+    for m in sorted(moments, key=lambda t: t.data_ptr()):
+        slab = m if m._base is None else m._base
+        start = (m.data_ptr() - slab.data_ptr()) // m.element_size()
+        if runs and runs[-1][0] is slab and runs[-1][2] == start:
+            runs[-1][2] = start + m.numel()
+        else:
+            runs.append([slab, start, start + m.numel()])
+    return [slab.view(-1)[start:end] for slab, start, end in runs]
+
+
+def _chunks(params: list[torch.Tensor], max_numel: int) -> list[list[torch.Tensor]]:
+    """params split, in order, into runs of at most max_numel values (a larger tensor runs alone)."""
+    chunks, current, numel = [], [], 0
+    for p in params:
+        if current and numel + p.numel() > max_numel:
+            chunks.append(current)
+            current, numel = [], 0
+        current.append(p)
+        numel += p.numel()
+    return chunks + [current] if current else chunks
 
 
 def _adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:

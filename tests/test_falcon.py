@@ -424,6 +424,30 @@ def test_4bit_falcon_forward_through_the_kernels_matches_the_reference(tiny_falc
     torch.testing.assert_close(kernels_out, reference, rtol=0, atol=bf16_atol(reference))
 
 
+@interpreted
+def test_4bit_layer_under_autocast_takes_the_kernels_for_fp32_inputs(tiny_falcon, monkeypatch):
+    # CUDA autocast runs LayerNorm in fp32, so Falcon's linears get fp32 inputs; the 4-bit layer must
+    # cast them to autocast's dtype as F.linear does, not fall back to the fp32 reference dequantizer
+    # (on the H200 that fallback was 254 of a step's 430 ms). CPU autocast keeps LayerNorm in bf16, so
+    # the fp32 input is made here directly.
+    import qlora.linear4bit as linear4bit
+
+    model = load_falcon(tiny_falcon("7b"), dtype=torch.bfloat16, load_in_4bit=True)
+    apply_lora(model, ["dense_h_to_4h"], 4, 8, 0.0, verbose=False)
+    randomize_lora_b(model)
+    layer = model.transformer.h[0].mlp.dense_h_to_4h
+    x = randn(2, 5, layer.in_features, dtype=torch.float32, seed=21).requires_grad_()
+    seen, use_kernels = [], linear4bit.use_kernels
+    monkeypatch.setattr(linear4bit, "use_kernels", lambda t: seen.append(t.dtype) or use_kernels(t))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        expected = layer(x.detach().bfloat16())
+    y.float().sum().backward()
+    assert set(seen) == {torch.bfloat16}, seen
+    assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
+    assert x.grad.dtype == torch.float32
+
+
 # ----------------------------------------------------------------------------- train.py / infer.py
 
 def test_train_and_infer_on_a_tiny_random_falcon(tmp_path, capsys):

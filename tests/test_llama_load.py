@@ -2,15 +2,18 @@
 
 import json
 import math
+import weakref
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from llama.load import load_llama, quantize_weight, resident_bytes
-from llama.model import Llama
+import llama.load
+from llama.load import load_llama, quantize_weight, random_quantized_llama, resident_bytes
+from llama.model import Llama, LlamaConfig
 from qlora.linear4bit import Linear4bit
+from qlora.nf4 import dequantize_absmax, nf4_code
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
@@ -110,6 +113,96 @@ def test_loaded_model_is_frozen_with_expected_dtypes_and_size(tiny_llama):
     code_books = 4 * (16 * len({l.code.data_ptr() for l in layers}) + 256 * len({l.code2.data_ptr() for l in layers}))
     expected = L * per_layer + code_books + 2 * (c["vocab_size"] * C + (2 * L + 1) * C) + 4 * hd // 2
     assert resident_bytes(model) == expected
+
+
+# ----------------------------------------------------------------------------- random 4-bit models
+
+# Odd sizes: hidden 96 (1.5 blocks of 64 per row), intermediate 200, grouped-query attention.
+RANDOM_CONFIG = dict(vocab_size=100, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+
+
+def _spy_on_random_quantized_llama(monkeypatch) -> dict:
+    """Record what random_quantized_llama hands to quantize_weight: {id(layer): a copy of the weight}.
+    Every draw first checks that no tensor drawn before it is still alive: one 16-bit tensor at a time."""
+    drawn, alive = {}, []
+    real_draw, real_quantize = llama.load._random_tensor, llama.load.quantize_weight
+
+    def draw(*args, **kwargs):
+        assert all(ref() is None for ref in alive), "a tensor drawn earlier is still alive"
+        tensor = real_draw(*args, **kwargs)
+        alive.append(weakref.ref(tensor))
+        return tensor
+
+    def quantize(weight, *args, **kwargs):
+        layer = real_quantize(weight, *args, **kwargs)
+        drawn[id(layer)] = weight.clone()
+        return layer
+
+    monkeypatch.setattr(llama.load, "_random_tensor", draw)
+    monkeypatch.setattr(llama.load, "quantize_weight", quantize)
+    return drawn
+
+
+def test_random_quantized_llama_holds_bitsandbytes_nf4_of_the_weights_it_drew(monkeypatch):
+    drawn = _spy_on_random_quantized_llama(monkeypatch)
+    model = random_quantized_llama(LlamaConfig(**RANDOM_CONFIG), "cpu", torch.bfloat16, seed=3)
+    layers = _linear4bit_layers(model)
+    assert len(layers) == len(drawn) == 7 * 2
+    assert sorted({name.rsplit(".", 1)[1] for name in layers}) == sorted(Llama.LINEAR_NAMES)
+    code = nf4_code().double()
+    half_gap = ((code[1:] - code[:-1]) / 2).max()                 # the farthest a value is from its level
+    for name, layer in layers.items():
+        w = drawn[id(layer)]
+        assert w.dtype == torch.bfloat16 and tuple(w.shape) == (layer.out_features, layer.in_features)
+        assert abs(w.float().std().item() - 0.02) < 0.002          # the N(0, 0.02) draw
+        _assert_equal_to_bnb(layer, w)                             # the very bytes bitsandbytes makes of it
+        # Within NF4's rounding of the drawn weight, per block of 64 (float64): nearest level of w / a,
+        # times the stored absmax a' (double-quantized), rounded once to bf16:
+        #   |dequant - w| <= half_gap * a + |a' - a| + 2^-8 * a'
+        blocks = w.double().reshape(-1)
+        n_blocks = math.ceil(blocks.numel() / 64)
+        blocks = torch.nn.functional.pad(blocks, (0, n_blocks * 64 - blocks.numel())).view(n_blocks, 64)
+        a = blocks.abs().amax(dim=1)
+        a_stored = dequantize_absmax(layer.state).double()
+        bound = (half_gap * a + (a_stored - a).abs() + 2**-8 * a_stored)[:, None]
+        error = (layer.dequantize(torch.bfloat16).double().reshape(-1) - w.double().reshape(-1))
+        error = torch.nn.functional.pad(error, (0, n_blocks * 64 - error.numel())).view(n_blocks, 64)
+        assert (error.abs() <= bound * (1 + 1e-6)).all(), name
+
+
+def test_random_quantized_llama_equals_transformers_holding_its_weights():
+    config = LlamaConfig(**RANDOM_CONFIG)
+    model = random_quantized_llama(config, "cpu", torch.float32, seed=0)
+    assert not any(p.requires_grad or p.is_meta for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for name, p in model.named_parameters():                      # random_llama's init of the dense part
+        if "norm" in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            std = 96 ** -0.5 if name == "lm_head.weight" else 0.02
+            assert abs(p.std().item() - std) < 0.1 * std, name
+    # reference: transformers' Llama with our dequantized projections and our dense weights
+    from transformers import LlamaConfig as HFLlamaConfig
+    hf = LlamaForCausalLM(HFLlamaConfig(**RANDOM_CONFIG, rms_norm_eps=config.rms_norm_eps)).eval()
+    dense = {name: p for name, p in model.named_parameters()}
+    layers = _linear4bit_layers(model)
+    dense.update({name + ".weight": layer.dequantize(torch.float32) for name, layer in layers.items()})
+    missing, unexpected = hf.load_state_dict(dense, strict=False)
+    assert not missing and not unexpected
+    ids = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_random_quantized_llama_is_seeded():
+    config = LlamaConfig(**RANDOM_CONFIG, tie_word_embeddings=True)
+    a, b = (random_quantized_llama(config, "cpu", torch.bfloat16, seed=5) for _ in range(2))
+    c = random_quantized_llama(config, "cpu", torch.bfloat16, seed=6)
+    assert a.lm_head.weight is a.model.embed_tokens.weight
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["model.layers.1.mlp.down_proj.packed"], sc["model.layers.1.mlp.down_proj.packed"])
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -6,6 +6,7 @@ import io
 import pytest
 import torch
 
+import qlora.paged_adamw
 from qlora.paged_adamw import PagedAdamW, is_managed
 
 
@@ -33,11 +34,15 @@ def _train(model, optimizer, steps: int, seed: int) -> None:
         optimizer.step()
 
 
-def test_updates_equal_torch_adamw_over_20_steps():
+@pytest.mark.parametrize("chunk_numel, page_out", [(2**26, False), (100, False), (1, True)],
+                         ids=["one chunk", "chunks of 100 values", "a tensor per chunk, page_out"])
+def test_updates_equal_torch_adamw_over_20_steps(monkeypatch, chunk_numel, page_out):
     # (torch's foreach=True variant is compared on the GPU by bench/paged_adamw_gpu.py; on the CPU its
-    # first step spends seconds importing torch._dynamo.)
+    # first step spends seconds importing torch._dynamo.) The update runs chunk by chunk (the layers
+    # hold 128, 16, 256, 16, 64 and 4 values); on the CPU page_out has nothing to move.
+    monkeypatch.setattr(qlora.paged_adamw, "UPDATE_CHUNK_NUMEL", chunk_numel)
     ours_model, ref_model = _tiny_model(), _tiny_model()
-    ours = PagedAdamW(_groups(ours_model), lr=1e-2, weight_decay=0.01)
+    ours = PagedAdamW(_groups(ours_model), lr=1e-2, weight_decay=0.01, page_out=page_out)
     ref = torch.optim.AdamW(_groups(ref_model), lr=1e-2, weight_decay=0.01, foreach=False)
     _train(ours_model, ours, 20, seed=1)
     _train(ref_model, ref, 20, seed=1)
@@ -165,27 +170,61 @@ def test_gpu_state_lives_in_managed_memory_and_matches_torch():
     torch.testing.assert_close(ours_p, ref_p, rtol=1e-6, atol=1e-7)
 
 
-def test_paged_moments_share_one_slab_and_one_prefetch_per_step(monkeypatch):
-    # The paging decision and the CUDA calls stood in for on the CPU (the GPU run is
-    # bench/paged_adamw_gpu.py): the paged moments are views of one slab, prefetched once per step,
-    # and the updates stay torch.optim.AdamW's to the bit, through a state-dict round trip too.
-    import qlora.paged_adamw as paged_adamw
-    slabs, prefetched = [], []
-    monkeypatch.setattr(paged_adamw, "managed_zeros", lambda shape, device: slabs.append(torch.zeros(shape)) or slabs[-1])
-    monkeypatch.setattr(paged_adamw, "prefetch", lambda t: prefetched.append(t.data_ptr()))
-    monkeypatch.setattr(PagedAdamW, "_pages", lambda self, p: p.numel() >= 16)   # weights paged, biases not
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_state_paged_out_each_step_updates_as_resident_state(monkeypatch):
+    # page_out moves each chunk's managed state to host RAM after its update and the next step's
+    # prefetch brings it back: the same numbers as state that stays on the GPU, bit for bit.
+    monkeypatch.setattr(qlora.paged_adamw, "UPDATE_CHUNK_NUMEL", 200_000)   # 2 chunks of the 3 tensors
+    torch.manual_seed(0)
+    shapes = [(512, 256), (384, 300), (1000, 130)]                        # each above the paging threshold
+    start = [torch.randn(shape, device="cuda") for shape in shapes]
+    resident_p = [torch.nn.Parameter(w.clone()) for w in start]
+    paged_p = [torch.nn.Parameter(w.clone()) for w in start]
+    resident = PagedAdamW(resident_p, lr=1e-3, weight_decay=0.01)
+    paged = PagedAdamW(paged_p, lr=1e-3, weight_decay=0.01, page_out=True)
+    for _ in range(5):
+        grads = [torch.randn_like(w) for w in start]
+        for p, q, g in zip(resident_p, paged_p, grads):
+            p.grad, q.grad = g, g.clone()
+        resident.step()
+        paged.step()
+    assert len(paged.paged_state()) == 6 and all(is_managed(m) for m in paged.paged_state())
+    assert paged.evict_state() == 2 * 4 * sum(a * b for a, b in shapes)
+    torch.cuda.synchronize()
+    for p, q in zip(resident_p, paged_p):
+        assert torch.equal(p, q)
+    for p, q in zip(resident_p, paged_p):
+        assert torch.equal(resident.state[p]["exp_avg_sq"], paged.state[q]["exp_avg_sq"])   # read back from the host
+
+
+@pytest.mark.parametrize("chunk_numel", [2**26, 300], ids=["one chunk", "chunks of 300 values"])
+def test_paged_moments_are_one_slab_and_one_prefetch_per_chunk(monkeypatch, chunk_numel):
+    # The paging decision and the CUDA calls stood in for on the CPU (tests above run them on a GPU):
+    # the paged moments are views of one slab, each chunk's state is prefetched (and paged out) as one
+    # range, and the updates stay torch.optim.AdamW's to the bit, through a state-dict round trip too.
+    slabs, calls = [], []
+    monkeypatch.setattr(qlora.paged_adamw, "UPDATE_CHUNK_NUMEL", chunk_numel)
+    monkeypatch.setattr(qlora.paged_adamw, "managed_zeros", lambda shape, device: slabs.append(torch.zeros(shape))
+                        or slabs[-1])
+    monkeypatch.setattr(qlora.paged_adamw, "prefetch", lambda t: calls.append(("in", t.data_ptr(), t.numel())))
+    monkeypatch.setattr(qlora.paged_adamw, "page_out", lambda t: calls.append(("out", t.data_ptr(), t.numel())))
+    monkeypatch.setattr(PagedAdamW, "_is_paged", lambda self, t: t.numel() >= 64)   # the three weights
     ours_model, ref_model = _tiny_model(), _tiny_model()
-    ours = PagedAdamW(_groups(ours_model), lr=1e-2, weight_decay=0.01)
+    ours = PagedAdamW(_groups(ours_model), lr=1e-2, weight_decay=0.01, page_out=True)
     ref = torch.optim.AdamW(_groups(ref_model), lr=1e-2, weight_decay=0.01, foreach=False)
     _train(ours_model, ours, 3, seed=1)
     _train(ref_model, ref, 3, seed=1)
-    assert len(slabs) == 1 and prefetched == [slabs[0].data_ptr()] * 3
+    assert len(slabs) == 1 and slabs[0].numel() == 2 * (128 + 256 + 64)
+    # Groups of one paged weight each (128, 256, 64 values; m and v back to back): one range per
+    # group and step, in and out; the 300-value chunks split nothing that is paged.
+    base = slabs[0].data_ptr()
+    per_step = [(d, base + 4 * a, n) for a, n in [(0, 256), (256, 512), (768, 128)] for d in ("in", "out")]
+    assert calls == per_step * 3
     for p in ours_model.parameters():
         if p.requires_grad:
-            paged = p.numel() >= 16
             for key in ("exp_avg", "exp_avg_sq"):
-                same = ours.state[p][key].untyped_storage().data_ptr() == slabs[0].untyped_storage().data_ptr()
-                assert same == paged
+                in_slab = ours.state[p][key].untyped_storage().data_ptr() == slabs[0].untyped_storage().data_ptr()
+                assert in_slab == (p.numel() >= 64)
     restored_model = copy.deepcopy(ours_model)
     restored = PagedAdamW(_groups(restored_model), lr=1e-2, weight_decay=0.01)
     restored.load_state_dict(ours.state_dict())
