@@ -69,7 +69,13 @@ class HostOffload:
             yield
 
     def _offload(self, t: torch.Tensor) -> "_HostCopy":
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+        try:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+        except RuntimeError as e:                       # pinned memory is locked RAM: it can run out
+            nbytes = t.numel() * t.element_size()
+            raise torch.OutOfMemoryError(f"gradient_checkpointing: offload could not pin {nbytes / 2**20:.0f} MiB "
+                                         f"of host memory for a block input ({e}): use gradient_checkpointing: "
+                                         "true, or shorter sequences") from e
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))   # t has been written
             with torch.cuda.stream(self.stream):
