@@ -10,7 +10,9 @@ quant, bf16, LoRA r 32 alpha 16 dropout 0.05 on all linears, paged AdamW) and se
 --start tokens until a step runs out of memory, then bisecting between the longest that ran and the
 shortest that did not, to --granularity tokens or until its --time-cap (seconds) is spent. A length
 that ran out of memory after one that fitted is tried in the same process, after freeing what the
-failed step held (empty_cache): fragmentation can only make a side look shorter, not longer.
+failed step held (empty_cache): fragmentation can only make a side look shorter, not longer. No length
+beyond --max-tokens (1M) is tried: Unsloth is loaded with max_seq_length = --max-tokens, because it
+truncates longer inputs and plans its own offloading (embeddings, layer swaps) for that length.
 
 Attention. A causal step at 300k tokens spends minutes in attention (its FLOPs grow with T^2) while its
 memory grows with T (flash-style kernels keep no T x T matrix). So, with --attention stand-in (the
@@ -131,13 +133,13 @@ def fits(step, vocab_size: int, T: int, device, cap_tokens: int | None,
     return ok, None
 
 
-def search(try_length, start: int, granularity: int, time_cap: float) -> dict:
+def search(try_length, start: int, granularity: int, time_cap: float, limit: int | None = None) -> dict:
     """Doubling from `start` until a length fails, then bisecting (to multiples of granularity) between
     the longest that ran and the shortest that did not, until they are one granularity apart or the
-    time cap is spent -> {"longest": ..., "shortest_failed": ..., "tries": [...]}."""
+    time cap is spent; never beyond `limit` tokens -> {"longest", "shortest_failed", "tries", ...}."""
     t0 = time.perf_counter()
     longest, failed, tries = 0, None, []
-    T = start
+    T = start if limit is None else min(start, limit)
     while T and time.perf_counter() - t0 < time_cap:
         t = time.perf_counter()
         ok, peak = try_length(T)
@@ -149,7 +151,9 @@ def search(try_length, start: int, granularity: int, time_cap: float) -> dict:
         else:
             failed = T
         if failed is None:
-            T *= 2
+            if limit is not None and T >= limit:
+                break                                      # fits at the limit: the search ends there
+            T = 2 * T if limit is None else min(2 * T, limit)
             continue
         if failed - longest <= granularity:
             break
@@ -157,7 +161,8 @@ def search(try_length, start: int, granularity: int, time_cap: float) -> dict:
         if T <= longest:
             T = longest + granularity
     return dict(longest=longest, shortest_failed=failed, tries=tries, seconds=time.perf_counter() - t0,
-                bracket_closed=failed is not None and failed - longest <= granularity)
+                bracket_closed=failed is not None and failed - longest <= granularity,
+                reached_limit=limit is not None and longest >= limit)
 
 
 def run_side(spec: str, args, device) -> dict:
@@ -165,7 +170,9 @@ def run_side(spec: str, args, device) -> dict:
 
     name, levers = train_step.parse_side(spec)
     shape, checkpoint = SHAPES[args.shape]
-    s = train_step.Settings(checkpoint=args.checkpoint or checkpoint, micro_batch=1, seq_len=args.start,
+    # seq_len is what Unsloth is loaded for (its max_seq_length: it truncates longer inputs, and plans
+    # its own offloading for that length); the search stays at or below it.
+    s = train_step.Settings(checkpoint=args.checkpoint or checkpoint, micro_batch=1, seq_len=args.max_tokens,
                             tokenizer=args.tokenizer)
     builders = {"ours": lambda: train_step.build_ours(s, device, levers),
                 "peer": lambda: train_step.build_peer(s, device),
@@ -192,7 +199,7 @@ def run_side(spec: str, args, device) -> dict:
     result["host_available_at_start"] = host_available()
     result.update(search(lambda T: fits(step, vocab, T, device, args.cap_tokens,
                                         offload_bytes(shape, T) if offloads else 0),
-                         args.start, args.granularity, args.time_cap))
+                         args.start, args.granularity, args.time_cap, args.max_tokens))
     return result
 
 
@@ -211,7 +218,8 @@ def print_table(results: dict, shape: str) -> None:
         check = r.get("check") or {}
         real, stand = (check.get(k, {}).get("peak_allocated") for k in ("real", "stand-in"))
         fidelity = f"{size(real)} / {size(stand)} at {check['tokens']:,d}" if real and stand else "-"
-        failed = f"{r['shortest_failed']:,d}" if r["shortest_failed"] else "none (time cap)"
+        failed = (f"{r['shortest_failed']:,d}" if r["shortest_failed"] else
+                  "none: fits at --max-tokens" if r.get("reached_limit") else "none (time cap)")
         print(f"| {spec} | **{r['longest']:,d}** | {failed} | {'closed' if r['bracket_closed'] else 'open'} "
               f"| {len(r['tries'])} | {r['seconds']:.0f} s | {size(at_longest)} | {fidelity} |")
 
@@ -225,6 +233,8 @@ def main(argv=None) -> int:
     parser.add_argument("--start", type=int, default=16384, help="first length tried (tokens)")
     parser.add_argument("--granularity", type=int, default=8192, help="stop bisecting at this bracket (tokens)")
     parser.add_argument("--time-cap", type=float, default=70.0, help="seconds of searching per side")
+    parser.add_argument("--max-tokens", type=int, default=1 << 20,
+                        help="longest length tried; Unsloth is loaded with this max_seq_length (default 1M)")
     parser.add_argument("--check", type=int, default=8192, help="tokens of the real-vs-stand-in check (0: none)")
     parser.add_argument("--attention", choices=["stand-in", "real"], default="stand-in")
     parser.add_argument("--cap-tokens", type=int, help="pretend lengths above this run out of memory (CPU smoke test)")
@@ -237,7 +247,7 @@ def main(argv=None) -> int:
     if args.tiny:
         args.shape = "tiny"
         if args.start == 16384:
-            args.start, args.granularity, args.check = 256, 256, 128
+            args.start, args.granularity, args.check, args.max_tokens = 256, 256, 128, 8192
     from bench import train_step
     sides = [args.side] if args.side else args.sides.split(",")
     for spec in sides:
@@ -254,8 +264,8 @@ def main(argv=None) -> int:
     args.checkpoint = args.checkpoint or checkpoint
     prepare_checkpoint(args.checkpoint, args.tiny, shape)
     extra = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-             if k in ("checkpoint", "start", "granularity", "time_cap", "check", "attention", "cap_tokens",
-                      "tokenizer", "device") and v not in (None, "")] + (["--tiny"] if args.tiny else [])
+             if k in ("checkpoint", "start", "granularity", "time_cap", "max_tokens", "check", "attention",
+                      "cap_tokens", "tokenizer", "device") and v not in (None, "")] + (["--tiny"] if args.tiny else [])
     if not args.tiny:
         extra.append(f"--shape={args.shape}")
     results = {}

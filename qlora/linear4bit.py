@@ -53,6 +53,16 @@ def use_kernels(x: torch.Tensor) -> bool:
     return use_kernel(x, KERNEL_DTYPES)
 
 
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in autocast's dtype when autocast is on, as F.linear computes. Without this an fp32 input
+    (autocast runs LayerNorm in fp32: Falcon's blocks) took the fp32 reference path."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if x.dtype != dtype:                  # a no-op .to() is still an op the host dispatches
+            x = x.to(dtype)
+    return x
+
+
 class Linear4bit(nn.Module):
     """nn.Linear with a frozen NF4 weight. Build it with `from_linear` or `from_weight`."""
 
@@ -137,10 +147,7 @@ class Linear4bit(nn.Module):
         return dequantize_nf4(self.packed, self.state).to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):
-            # What F.linear does under autocast: compute in autocast's dtype. Without this an fp32 input
-            # (autocast runs LayerNorm in fp32: Falcon's blocks) took the fp32 reference path.
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = _autocast_input(x)
         if use_kernels(x):
             return NF4Matmul.apply(x, self.bias, self.packed, self.state)
         # The reference: fp32 inputs, or a CPU without TRITON_INTERPRET=1.
@@ -150,6 +157,7 @@ class Linear4bit(nn.Module):
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """forward's value without its autograd node, for callers that write their own backward
         (qlora.lora.LoRAFunction: a node inside a node costs host time and records nothing)."""
+        x = _autocast_input(x)
         if use_kernels(x):
             return linear_nf4(x, self.bias, self.packed, self.state)
         return self.forward(x)

@@ -27,6 +27,12 @@ def test_search_brackets_the_longest_length_that_fits(limit):
     assert all(t["fits"] == (t["tokens"] <= limit) for t in result["tries"])
 
 
+def test_search_never_goes_past_its_limit():
+    result = search(lambda T: (True, None), start=16384, granularity=4096, time_cap=60, limit=100_000)
+    assert [t["tokens"] for t in result["tries"]] == [16384, 32768, 65536, 100_000]
+    assert result["longest"] == 100_000 and result["reached_limit"] and result["shortest_failed"] is None
+
+
 def test_search_stops_at_its_time_cap():
     result = search(lambda T: (True, None), start=1024, granularity=1024, time_cap=0.0)
     assert result["tries"] == [] and not result["bracket_closed"]
