@@ -41,7 +41,7 @@ from qlora import progress
 from qlora.event_log import log_record, open_event_log
 from qlora.data import (Batches, batches_in_order, fingerprint, load_rows, pad_id_of, prepare_data,
                         prepare_data_cached)
-from qlora.lora import apply_lora, check_target_names, lora_layers, trainable_summary
+from qlora.lora import apply_lora, check_target_names, lora_layers, share_dropout, trainable_summary
 from qlora.loss import causal_lm_loss, label_count
 from qlora.metrics import MetricsLog, read_metrics
 from qlora.prompts import QA_TYPES, format_row, strip_response_prefix
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     model = load_base(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed,
                       quantize=distributed.shard_quantizer if fsdp else None)
     print(f"base model loaded in {time.time() - t0:.1f}s ({'NF4' if cfg.load_in_4bit else dtype} weights)")
-    model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.gradient_checkpointing, model.recompute = cfg.gradient_checkpointing, cfg.recompute
     if cfg.lora_model_dir:   # continue training an adapter (its own r, alpha and targets), as axolotl
         load_adapter(model, cfg.lora_model_dir, dtype=torch.float32)
         for layer in lora_layers(model).values():
@@ -213,6 +213,7 @@ def main(argv=None) -> int:
     else:
         apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
     print(trainable_summary(model))
+    share_dropout(model, cfg.lora_shared_dropout)
     step_model = distributed.wrap(model, cfg, device)   # the model itself; under torchrun DDP, or FSDP2 shards
     if distributed.world_size() > 1:
         print("\n".join(distributed.memory_report(model, device)))

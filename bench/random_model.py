@@ -3,6 +3,7 @@ and the config.json shapes of the larger models (bench/large.py builds those on 
 
     write_random_checkpoint(path)                # 7B shapes, bf16, sharded safetensors (~13.5 GB)
     write_random_checkpoint(path, LLAMA2_13B)    # 13B shapes (~26 GB)
+    write_random_checkpoint(path, LLAMA3_8B)     # Llama-3-8B shapes (~16 GB)
     write_random_checkpoint(path, TINY)          # the same code path at test size, on the CPU
 
 The benchmarks load these files through our loader and through transformers + bitsandbytes, so
@@ -26,6 +27,9 @@ LLAMA2_13B = dict(LLAMA2_7B, hidden_size=5120, intermediate_size=13824, num_hidd
 CODELLAMA_34B = dict(LLAMA2_7B, hidden_size=8192, intermediate_size=22016, num_hidden_layers=48,
                      num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=16384,
                      rope_theta=1000000.0)
+# Llama-3-8B: 128256-token vocabulary, grouped-query attention (8 KV heads), rope_theta 5e5 (bench/long_context.py).
+LLAMA3_8B = dict(LLAMA2_7B, intermediate_size=14336, num_key_value_heads=8, vocab_size=128256,
+                 max_position_embeddings=8192, rope_theta=500000.0)
 LLAMA2_70B = dict(LLAMA2_7B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                   num_key_value_heads=8)
 
@@ -35,9 +39,11 @@ def write_random_checkpoint(path, shape: dict = LLAMA2_7B, seed: int = 0) -> Pat
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
-    if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("hidden_size") \
-            == shape["hidden_size"]:
-        return path
+    if (path / "config.json").is_file():
+        written = json.loads((path / "config.json").read_text())
+        rope = written.get("rope_parameters") or {}      # transformers 5 keeps rope_theta there
+        if all(written.get(key, rope.get(key)) == value for key, value in shape.items()):   # 7B, 8B: one hidden_size
+            return path
     torch.manual_seed(seed)
     config = LlamaConfig(**shape, torch_dtype="bfloat16")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -34,13 +34,16 @@ def scope_of(module) -> str | None:
 
 # Functions (not modules) whose calls become a named range: (module, attribute, scope).
 # qlora.lora._base_grad_input is the frozen base's input gradient inside LoRAFunction's backward,
-# which would otherwise count as LoRA (the node's forward scope).
+# which would otherwise count as LoRA (the node's forward scope); _base_forward is the base's
+# product inside LoRAFunction's forward (Linear4bit.product: no module call, so no module hook);
+# shared_input_forward runs q/k/v (gate/up) adapters as one node, outside their modules' forward.
 SCOPED_FUNCTIONS = [("llama.model", "apply_rope", "rope"), ("llama.model", "apply_rope_qk", "rope"),
                     ("llama.model", "apply_rope_fused", "rope"), ("falcon.model", "apply_rope", "rope"),
                     ("falcon.model", "apply_rope_fused", "rope"),
                     ("transformers.models.llama.modeling_llama", "apply_rotary_pos_emb", "rope"),
                     ("transformers.models.falcon.modeling_falcon", "apply_rotary_pos_emb", "rope"),
-                    ("qlora.lora", "_base_grad_input", "base")]
+                    ("qlora.lora", "_base_grad_input", "base"), ("qlora.lora", "_base_forward", "base"),
+                    ("llama.model", "shared_input_forward", "lora")]
 
 # (row, group): the groups are the ones issue #8 asks for; the rows say where inside them.
 ROWS = [("matmul: frozen base (4-bit linears)", "matmul"),

@@ -30,12 +30,12 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from kernels.common import use_kernel
 from kernels.rope import ROPE_DTYPES
 from llama.model import KVCache, apply_rope, apply_rope_fused, cache_inputs, rope_cos_sin, rope_inv_freq
 from qlora.attention import attend
+from qlora.checkpointing import run_blocks
 
 
 # ----------------------------------------------------------------------------- config
@@ -215,6 +215,7 @@ class Block(nn.Module):
 class Falcon(nn.Module):
     # The block's linear layers by module name: what quantization and LoRA ("all-linear") act on.
     LINEAR_NAMES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+    KEEP_NAMES = ("query_key_value", "dense", "dense_4h_to_h")   # recompute: selective, as llama/model.py
 
     def __init__(self, config: FalconConfig):
         super().__init__()
@@ -230,6 +231,7 @@ class Falcon(nn.Module):
             self.lm_head.weight = self.transformer.word_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.gradient_checkpointing = False                 # as in llama/model.py
+        self.recompute = "full"
 
     def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor | None = None,
                 return_hidden: bool = False, position_ids: torch.Tensor | None = None,
@@ -241,12 +243,9 @@ class Falcon(nn.Module):
                                                         position_ids, segment_ids)
         x = self.transformer.word_embeddings(input_ids)                                 # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)                      # (T, hd) or (B, T, hd)
-        use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled() and start_pos is None
-        for layer in self.transformer.h:
-            if use_checkpoint:
-                x = checkpoint(layer, x, cos, sin, None, mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, cache_positions, mask)
+        checkpointing = self.gradient_checkpointing if start_pos is None else False
+        x = run_blocks(self.transformer.h, x, (cos, sin, cache_positions, mask), checkpointing, self.recompute,
+                       self.KEEP_NAMES)                                                  # (B, T, C)
         x = self.transformer.ln_f(x)                                                     # (B, T, C)
         return x if return_hidden else self.lm_head(x)                                  # (B, T, vocab)
 

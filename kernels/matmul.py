@@ -24,9 +24,23 @@ def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state: NF4State) -> torch.
     return F.linear(x, dequantize_nf4_triton(packed, state, x.dtype))
 
 
-def matmul_nf4_grad(grad_y: torch.Tensor, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
-    """grad_y [..., out] (fp16 / bf16) @ W for the NF4 weight W [out, in] -> grad_x [..., in]."""
-    return grad_y @ dequantize_nf4_triton(packed, state, grad_y.dtype)
+def matmul_nf4_grad(grad_y: torch.Tensor, packed: torch.Tensor, state: NF4State,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """grad_y [..., out] (fp16 / bf16) @ W for the NF4 weight W [out, in] -> grad_x [..., in]; with
+    `out` (2-D [M, in], grad_y 2-D [M, out]) the product is added into it in cuBLAS' epilogue."""
+    w = dequantize_nf4_triton(packed, state, grad_y.dtype)
+    return grad_y @ w if out is None else out.addmm_(grad_y, w)
+
+
+def linear_nf4(x: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
+    """x [..., in] @ W^T (+ bias) -> [..., out], no autograd node: NF4Matmul's forward, and what
+    callers with their own backward (qlora.lora.LoRAFunction) run without a nested node."""
+    x2 = x.reshape(-1, x.shape[-1])                                       # (M, in)
+    # Decoding (a few rows): the GEMV reads the 4-bit weight once; otherwise dequant + cuBLAS.
+    y = gemv_nf4(x2, packed, state) if gemv_supported(x2, state) else matmul_nf4(x2, packed, state)
+    if bias is not None:
+        y += bias.to(y.dtype)
+    return y.view(*x.shape[:-1], y.shape[-1])                             # (..., out)
 
 
 class NF4Matmul(torch.autograd.Function):
@@ -34,15 +48,10 @@ class NF4Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, packed, state):
-        x2 = x.reshape(-1, x.shape[-1])                                   # (M, in)
-        # Decoding (a few rows): the GEMV reads the 4-bit weight once; otherwise dequant + cuBLAS.
-        y = gemv_nf4(x2, packed, state) if gemv_supported(x2, state) else matmul_nf4(x2, packed, state)
-        if bias is not None:
-            y += bias.to(y.dtype)
         ctx.save_for_backward(packed)                                     # the 4-bit storage, not a copy
         ctx.state = state
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.view(*x.shape[:-1], y.shape[-1])                         # (..., out)
+        return linear_nf4(x, bias, packed, state)
 
     @staticmethod
     def backward(ctx, grad_y):

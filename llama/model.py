@@ -26,13 +26,14 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from kernels.common import use_kernel
 from kernels.rmsnorm import NORM_DTYPES, rms_norm
 from kernels.rope import ROPE_DTYPES, apply_rope_qk
 from kernels.swiglu import SWIGLU_DTYPES, swiglu
 from qlora.attention import attend, document_mask
+from qlora.checkpointing import run_blocks
+from qlora.lora import shared_input_forward
 
 # ----------------------------------------------------------------------------- config
 
@@ -271,9 +272,11 @@ class Attention(nn.Module):
         """positions (T,) and mask (T, max_len): given when decoding with the KV cache. mask alone:
         packed rows' attention mask (qlora.attention.document_mask)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        # One call for the three: with LoRA adapters they can share one A product (qlora.lora).
+        q, k, v = shared_input_forward((self.q_proj, self.k_proj, self.v_proj), x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)                  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)               # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)               # (B, nkv, T, hd)
         if use_kernel(q, ROPE_DTYPES, cuda_only=True) and q.dtype == k.dtype == cos.dtype == sin.dtype:
             q, k = apply_rope_fused(q, k, cos, sin)                                    # one kernel, same bits
         else:
@@ -299,7 +302,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        g, u = self.gate_proj(x), self.up_proj(x)                                     # (B, T, I) each
+        g, u = shared_input_forward((self.gate_proj, self.up_proj), x)                # (B, T, I) each
         if use_kernel(g, SWIGLU_DTYPES, cuda_only=True) and g.dtype == u.dtype:
             return self.down_proj(swiglu(g, u))                                       # one kernel, saves g, u
         return self.down_proj(F.silu(g) * u)
@@ -323,6 +326,9 @@ class Block(nn.Module):
 class Llama(nn.Module):
     # The block's linear layers by module name: what quantization and LoRA ("all-linear") act on.
     LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # What recompute: selective keeps (qlora/checkpointing.py): the products with C-wide outputs.
+    # Llama-2-7B: 55% of a block's frozen-weight FLOPs for 40 KB per token; gate/up (I wide) are redone.
+    KEEP_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -339,8 +345,11 @@ class Llama(nn.Module):
         # Not in the checkpoint (persistent=False): recomputed from the config.
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         # Recompute each block's activations in the backward pass instead of storing them (QLoRA
-        # trains with gradient checkpointing; paper section 4 and appendix on memory footprint).
+        # trains with gradient checkpointing; paper section 4 and appendix on memory footprint):
+        # False, True, or "offload" (block inputs wait in host memory); and what the recompute
+        # redoes, "full", "selective" or "none" (qlora/checkpointing.py).
         self.gradient_checkpointing = False
+        self.recompute = "full"
 
     def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor | None = None,
                 return_hidden: bool = False, position_ids: torch.Tensor | None = None,
@@ -357,12 +366,9 @@ class Llama(nn.Module):
                                                         position_ids, segment_ids)
         x = self.model.embed_tokens(input_ids)                                         # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)                     # (T, hd) or (B, T, hd)
-        use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled() and start_pos is None
-        for layer in self.model.layers:
-            if use_checkpoint:
-                x = checkpoint(layer, x, cos, sin, None, mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, cache_positions, mask)
+        checkpointing = self.gradient_checkpointing if start_pos is None else False
+        x = run_blocks(self.model.layers, x, (cos, sin, cache_positions, mask), checkpointing, self.recompute,
+                       self.KEEP_NAMES)                                                 # (B, T, C)
         x = self.model.norm(x)                                                          # (B, T, C)
         return x if return_hidden else self.lm_head(x)                                 # (B, T, vocab)
 

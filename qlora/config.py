@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from qlora.checkpointing import check_settings
+
 DEFAULT_MODEL = "configs/tiny-llama.json"  # a small randomly initialised Llama, for the demo
 
 
@@ -62,6 +64,9 @@ class TrainConfig:
     lora_r: int = option(16, "LoRA rank r")
     lora_alpha: float = option(32, "LoRA alpha: the update is scaled by alpha / r")
     lora_dropout: float = option(0.05, "dropout on the adapter's input")
+    lora_shared_dropout: bool = option(False, "q/k/v and gate/up draw one dropout mask of their shared input and "
+                                              "share one LoRA A product (faster, less memory; PEFT draws one "
+                                              "mask per layer; with lora_dropout 0 they share it anyway)")
     lora_target_linear: bool = option(True, "adapt all linear layers but lm_head")
     lora_target_modules: list = option([], "or adapt these (Llama: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
                                            "down_proj; Falcon: query_key_value, dense, dense_h_to_4h, dense_4h_to_h)")
@@ -83,7 +88,11 @@ class TrainConfig:
     bf16: str | bool = option("auto", "bf16 compute: true, false or auto (where the GPU supports it)")
     fp16: bool = option(False, "fp16 compute with loss scaling instead")
     tf32: bool = option(False, "TF32 for fp32 matmuls on CUDA")
-    gradient_checkpointing: bool = option(False, "recompute each block's activations in backward (less memory)")
+    gradient_checkpointing: bool | str = option(False, "recompute each block's activations in backward (less "
+                                                        "memory); offload: and keep each block's input in host "
+                                                        "memory until its recompute (less still)")
+    recompute: str = option("full", "with gradient_checkpointing, what backward recomputes: full, selective (keep "
+                                    "the C-wide frozen products: faster, more memory) or none")
     # bookkeeping
     output_dir: str = option("out/demo", "where metrics, checkpoints and the adapter go")
     logging_steps: int = option(10, "print a line every this many steps")
@@ -141,6 +150,10 @@ def _coerce(name: str, value, default):
         return default
     kind = type(default)
     try:
+        if name == "gradient_checkpointing":
+            if isinstance(value, str) and value.lower() == "offload":
+                return "offload"
+            kind = bool                                     # else true / false, whatever the default's type
         if name in ("bf16", "resume_from_checkpoint"):
             if isinstance(value, str) and value.lower() in ("true", "false"):
                 return value.lower() == "true"
@@ -173,6 +186,8 @@ def _coerce(name: str, value, default):
             return value
         return str(value)
     except (TypeError, ValueError):
+        if name == "gradient_checkpointing":
+            raise ValueError(f"config key {name!r}: cannot read {value!r}: use true, false or offload") from None
         raise ValueError(f"config key {name!r}: cannot read {value!r} as {kind.__name__}") from None
 
 
@@ -190,6 +205,10 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         bad("bf16 and fp16 are both true: choose one")
     if cfg.bf16 not in (True, False, "auto"):
         bad(f"bf16 must be true, false or auto, got {cfg.bf16!r}")
+    try:
+        check_settings(cfg.gradient_checkpointing, cfg.recompute)
+    except ValueError as e:
+        bad(str(e))
     if cfg.lora_target_linear and cfg.lora_target_modules:
         bad("lora_target_linear: true and lora_target_modules both set: choose one")
     if not cfg.lora_target_linear and not cfg.lora_target_modules:

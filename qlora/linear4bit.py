@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import KERNEL_DTYPES, NF4Matmul, matmul_nf4_grad
+from kernels.matmul import linear_nf4
 from kernels.common import use_kernel
 from kernels.quantize import quantize_nf4_triton
 from qlora.nf4 import (QuantState, check_weight, code_midpoints, dequantize_nf4, double_quantize, nf4_code,
@@ -50,6 +51,16 @@ def use_kernels(x: torch.Tensor) -> bool:
     """Whether Linear4bit runs the Triton kernels for x, by the kernel switch: fp16 / bf16 on CUDA, or on
     the CPU when Triton interprets kernels (TRITON_INTERPRET=1, read when kernels/ is imported)."""
     return use_kernel(x, KERNEL_DTYPES)
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in autocast's dtype when autocast is on, as F.linear computes. Without this an fp32 input
+    (autocast runs LayerNorm in fp32: Falcon's blocks) took the fp32 reference path."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if x.dtype != dtype:                  # a no-op .to() is still an op the host dispatches
+            x = x.to(dtype)
+    return x
 
 
 class Linear4bit(nn.Module):
@@ -138,22 +149,30 @@ class Linear4bit(nn.Module):
         return dequantize_nf4(self.packed, self.state).to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):
-            # What F.linear does under autocast: compute in autocast's dtype. Without this an fp32 input
-            # (autocast runs LayerNorm in fp32: Falcon's blocks) took the fp32 reference path.
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = _autocast_input(x)
         if use_kernels(x):
             return NF4Matmul.apply(x, self.bias, self.packed.reshape(-1), self.state)
         # The reference: fp32 inputs, or a CPU without TRITON_INTERPRET=1.
         w = self.dequantize(x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else None)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
-    def grad_input(self, grad_y: torch.Tensor) -> torch.Tensor:
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """forward's value without its autograd node, for callers that write their own backward
+        (qlora.lora.LoRAFunction: a node inside a node costs host time and records nothing)."""
+        x = _autocast_input(x)
+        if use_kernels(x):
+            return linear_nf4(x, self.bias, self.packed.reshape(-1), self.state)
+        return self.forward(x)
+
+    def grad_input(self, grad_y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """grad_y [..., out] @ W -> [..., in]: the input gradient of forward, for callers that write
-        their own backward (qlora.lora.LoRAFunction). W is frozen, so this is all its backward needs."""
+        their own backward (qlora.lora.LoRAFunction). W is frozen, so this is all its backward needs.
+        out: a 2-D [M, in] tensor to add the product into, in place (several layers that read one
+        input sum their input gradients there)."""
         if use_kernels(grad_y):
-            return matmul_nf4_grad(grad_y, self.packed.reshape(-1), self.state)
-        return grad_y @ self.dequantize(grad_y.dtype)
+            return matmul_nf4_grad(grad_y, self.packed.reshape(-1), self.state, out)
+        w = self.dequantize(grad_y.dtype)
+        return grad_y @ w if out is None else out.addmm_(grad_y, w)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

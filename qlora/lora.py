@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from kernels.common import use_kernel
 from kernels.lora_grad import LORA_GRAD_DTYPES, lora_dropout_grad_
+from qlora import checkpointing
 from qlora.linear4bit import Linear4bit
 
 ADAPTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -52,12 +53,20 @@ class LoRALinear(nn.Module):
         self.lora_a = nn.Parameter(lora_a.to(device, dtype))                            # [r, in]
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))  # [out, r]
         self.merged = False
+        # Layers reading the same input (q/k/v, gate/up) may draw one dropout mask for it and share
+        # one A product (shared_input_forward); PEFT draws a mask per layer. Off unless asked for.
+        self.shared_dropout = False
+
+    @property
+    def dropout_p(self) -> float:
+        """The dropout probability this forward applies (0 in eval mode)."""
+        return self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
-        return LoRAFunction.apply(x, self.lora_a, self.lora_b, self.base, self.scaling, p)
+        y = checkpointing.kept_output(self, lambda: self.base(x)) if checkpointing.keeping() else None
+        return LoRAFunction.apply(x, self.lora_a, self.lora_b, self.base, self.scaling, self.dropout_p, y)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """forward in its textbook form (eq. 5), plain autograd ops: x W^T + s * dropout(x) A^T B^T.
@@ -120,22 +129,23 @@ class LoRAFunction(torch.autograd.Function):
         grad_x = g W + mask / (1 - p) * ((s g B) A)   (W frozen: no weight gradient, eq. 6)
 
     base is nn.Linear or Linear4bit; its forward runs as usual (for a 4-bit base: the Triton dequant
-    and cuBLAS, or the decode GEMV), and its input gradient comes from _base_grad_input.
+    and cuBLAS, or the decode GEMV), and its input gradient comes from _base_grad_input. y, when
+    given, is base(x) computed already (selective recompute keeps it: qlora/checkpointing.py).
     """
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float):
-        # The compute dtype: autocast's (bf16 in QLoRA training) when it is on, else x's. Backward
-        # runs outside autocast, so everything it reads is saved in that dtype.
-        on = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
-        a, b = lora_a.to(dtype), lora_b.to(dtype)                      # [r, in], [out, r]
-        y = base(x).to(dtype)                                           # (..., out); a no-op under autocast
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)                       # (M, in)
+    def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, y=None):
+        dtype = compute_dtype(x)
+        a, b = _cast(lora_a, dtype), _cast(lora_b, dtype)               # [r, in], [out, r]
+        fresh = y is None
+        y = _cast(_base_forward(base, x) if fresh else y, dtype)       # (..., out); autocast's dtype already
+        x2 = _cast(x.reshape(-1, x.shape[-1]), dtype)                   # (M, in)
         xd, mask = torch.native_dropout(x2, p, True) if p > 0 else (x2, None)   # (M, in), bool (M, in)
         h = xd @ a.t()                                                  # (M, r)
-        # In place: y is this call's own fresh tensor, and out-of-place addmm would first copy it.
-        out = y.reshape(-1, y.shape[-1]).addmm_(h, b.t(), alpha=scaling)  # (M, out) = y + s h B^T
+        # In place when y is this call's own fresh tensor (out-of-place addmm would first copy it);
+        # a kept y is read again by the recompute, so it stays as it is.
+        y2 = y.reshape(-1, y.shape[-1])
+        out = y2.addmm_(h, b.t(), alpha=scaling) if fresh else torch.addmm(y2, h, b.t(), alpha=scaling)
         ctx.save_for_backward(xd, mask, h, a, b)
         ctx.base, ctx.scaling, ctx.p = base, scaling, p
         return out.view(y.shape)
@@ -159,14 +169,122 @@ class LoRAFunction(torch.autograd.Function):
                 grad_x.addcmul_(gh @ a, mask, value=1 / (1 - ctx.p))    # dropout's backward: mask / (1 - p)
             grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1])
         # Autograd casts grad_a and grad_b to the adapter's storage dtype (fp32 by default).
-        return grad_x, grad_a, grad_b, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None
 
 
-def _base_grad_input(base: nn.Module, grad_y: torch.Tensor) -> torch.Tensor:
-    """grad_y @ W for the frozen base layer (nn.Linear or Linear4bit), in grad_y's dtype."""
+class SharedInputLoRAFunction(torch.autograd.Function):
+    """Several adapted layers that read one input x (q/k/v; gate/up) as one autograd node: one
+    dropout of x and one product with the concatenated A of all of them (eq. 5 for each layer g):
+
+        xd = dropout(x),  h = xd [A_1; ...; A_G]^T      (M, R), R = r_1 + ... + r_G
+        out_g = base_g(x) + s_g h[:, R_g] B_g^T
+        grad_x = sum_g g_g W_g + mask / (1 - p) * ([s_1 g_1 B_1, ..., s_G g_G B_G] [A_1; ...; A_G])
+
+    The layers share one dropout mask of x where LoRALinear (and PEFT) would draw one each (see
+    shared_input_forward). x is read once instead of G times, and backward saves one xd and one
+    mask instead of G. Inputs after the settings: A_1..A_G, then B_1..B_G.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bases, scalings, p: float, kept, *ab):
+        G = len(bases)
+        dtype = compute_dtype(x)
+        a = torch.cat(ab[:G]).to(dtype) if G > 1 else _cast(ab[0], dtype)   # [R, in]
+        bs = [_cast(b, dtype) for b in ab[G:]]                              # [out_g, r_g] each
+        x2 = _cast(x.reshape(-1, x.shape[-1]), dtype)                       # (M, in)
+        xd, mask = torch.native_dropout(x2, p, True) if p > 0 else (x2, None)   # (M, in), bool (M, in)
+        h = xd @ a.t()                                                      # (M, R)
+        outs, start = [], 0
+        for base, s, b, y in zip(bases, scalings, bs, kept):
+            r = b.shape[1]
+            fresh = y is None
+            y2 = _cast(_base_forward(base, x) if fresh else y, dtype).reshape(-1, b.shape[0])   # (M, out_g)
+            hg = h[:, start:start + r]                                      # (M, r_g), a view
+            out = y2.addmm_(hg, b.t(), alpha=s) if fresh else torch.addmm(y2, hg, b.t(), alpha=s)
+            outs.append(out.view(*x.shape[:-1], b.shape[0]))
+            start += r
+        ctx.save_for_backward(xd, mask, h, a, *bs)
+        ctx.bases, ctx.scalings, ctx.p = bases, scalings, p
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        xd, mask, h, a, *bs = ctx.saved_tensors
+        G = len(bs)
+        gs = [g.reshape(-1, g.shape[-1]) for g in grad_outs]                 # (M, out_g) each
+        ghs = [(g @ b).mul_(s) for g, b, s in zip(gs, bs, ctx.scalings)]     # (M, r_g): gradient at h
+        gh = torch.cat(ghs, dim=1) if G > 1 else ghs[0]                     # (M, R)
+        grad_as, grad_bs, start = [None] * G, [None] * G, 0
+        grad_a = gh.t() @ xd if any(ctx.needs_input_grad[5:5 + G]) else None  # (R, in)
+        for i, (g, b, s) in enumerate(zip(gs, bs, ctx.scalings)):
+            r = b.shape[1]
+            if grad_a is not None and ctx.needs_input_grad[5 + i]:
+                grad_as[i] = grad_a[start:start + r]                         # (r_g, in)
+            if ctx.needs_input_grad[5 + G + i]:
+                grad_bs[i] = (g.t() @ h[:, start:start + r]).mul_(s)         # (out_g, r_g)
+            start += r
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _base_grad_input(ctx.bases[0], gs[0])                   # (M, in) = g_1 W_1
+            for base, g in zip(ctx.bases[1:], gs[1:]):
+                _base_grad_input(base, g, out=grad_x)                        # + g_g W_g
+            if mask is None:
+                grad_x.addmm_(gh, a)
+            elif use_kernel(grad_x, LORA_GRAD_DTYPES) and grad_x.is_contiguous():
+                lora_dropout_grad_(grad_x, gh, a, mask, 1 / (1 - ctx.p))
+            else:
+                grad_x.addcmul_(gh @ a, mask, value=1 / (1 - ctx.p))
+            grad_x = grad_x.view(*grad_outs[0].shape[:-1], grad_x.shape[-1])
+        return grad_x, None, None, None, None, *grad_as, *grad_bs
+
+
+def shared_input_forward(layers, x: torch.Tensor) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers] for layers that read the same x (q/k/v; gate/up), as one
+    SharedInputLoRAFunction where the result is that of the layers one by one or the user asked for
+    a shared mask: all are unmerged LoRALinear layers of one adapter dtype, with one dropout p, and
+    p is 0 or every layer has shared_dropout set. Otherwise (PEFT's semantics: one mask per layer)
+    each layer runs on its own."""
+    first = layers[0]
+    if not isinstance(first, LoRALinear):
+        return [layer(x) for layer in layers]
+    p = first.dropout_p
+    for layer in layers:
+        if (not isinstance(layer, LoRALinear) or layer.merged or layer.dropout_p != p
+                or layer.lora_a.dtype != first.lora_a.dtype or (p > 0 and not layer.shared_dropout)):
+            return [layer(x) for layer in layers]
+    keep = checkpointing.keeping()
+    kept = [checkpointing.kept_output(layer, lambda layer=layer: layer.base(x)) if keep else None
+            for layer in layers]
+    bases = [layer.base for layer in layers]
+    scalings = [layer.scaling for layer in layers]
+    return list(SharedInputLoRAFunction.apply(x, bases, scalings, p, kept, *[layer.lora_a for layer in layers],
+                                              *[layer.lora_b for layer in layers]))
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The adapter's compute dtype: autocast's (bf16 in QLoRA training) when it is on, else x's.
+    Backward runs outside autocast, so everything it reads is saved in that dtype."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # A no-op .to() is still an op the host dispatches; under autocast most of these are no-ops.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """base(x) inside a Function's forward (grad off): a 4-bit base without its own NF4Matmul node."""
+    return base.product(x) if isinstance(base, Linear4bit) else base(x)
+
+
+def _base_grad_input(base: nn.Module, grad_y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """grad_y @ W for the frozen base layer (nn.Linear or Linear4bit), in grad_y's dtype; added into
+    `out` (in place, in the product's epilogue) when given."""
     if isinstance(base, Linear4bit):
-        return base.grad_input(grad_y)
-    return grad_y @ base.weight.to(grad_y.dtype)
+        return base.grad_input(grad_y, out)
+    w = _cast(base.weight, grad_y.dtype)
+    return grad_y @ w if out is None else out.addmm_(grad_y, w)
 
 
 def _check_lora_args(r, alpha, dropout, dtype) -> None:
@@ -285,3 +403,9 @@ def trainable_summary(model: nn.Module) -> str:
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def share_dropout(model: nn.Module, shared: bool) -> None:
+    """Set LoRALinear.shared_dropout on every adapter (config lora_shared_dropout; shared_input_forward)."""
+    for layer in lora_layers(model).values():
+        layer.shared_dropout = shared

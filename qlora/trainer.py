@@ -116,23 +116,23 @@ def accumulate_gradients(micro_batches: list[dict], loss_of, backward, num_items
         with no_sync() if i < len(micro_batches) - 1 else nullcontext():
             loss = loss_of(batch, num_items)
             backward(loss)
-        total += loss.item()
-    return total
+        total = total + loss.detach()      # summed on the device: no host sync per micro-batch
+    return float(total)                    # one sync per optimizer step (train.py checks it is finite)
 
 
 def optimizer_step(optimizer, scaler, scheduler, params, max_grad_norm: float) -> tuple[float, float]:
     """Unscale (fp16), clip the grad norm, step, zero the grads, advance the schedule -> (grad norm, lr)."""
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)   # a device tensor: no sync yet
     if hasattr(grad_norm, "full_tensor"):          # FSDP2's sharded gradients: a DTensor norm
         grad_norm = grad_norm.full_tensor()
-    grad_norm = grad_norm.item()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
-    return grad_norm, lr
+    # Read back last: the update's kernels are queued by now, so the GPU works while the host waits.
+    return grad_norm.item(), lr
 
 
 def memory_gib(device: torch.device) -> float:

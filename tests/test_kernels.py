@@ -158,6 +158,10 @@ def test_matmul_nf4_and_grad_equal_reference(dtype):
     # The same torch product of the same (bit-exact) weight: equal, not merely close.
     assert torch.equal(matmul_nf4(x, packed, state), F.linear(x, w))
     assert torch.equal(matmul_nf4_grad(grad_y, packed, state), grad_y @ w)
+    # Added into a given gradient (layers that share an input): torch's addmm_ of the same weight.
+    acc = randn(18, 100, dtype=dtype, seed=8)
+    expected = acc.clone().addmm_(grad_y.reshape(18, 37), w)
+    assert torch.equal(matmul_nf4_grad(grad_y.reshape(18, 37), packed, state, out=acc), expected)
 
 
 @interpreted

@@ -195,3 +195,41 @@ def test_gpu_state_paged_out_each_step_updates_as_resident_state(monkeypatch):
         assert torch.equal(p, q)
     for p, q in zip(resident_p, paged_p):
         assert torch.equal(resident.state[p]["exp_avg_sq"], paged.state[q]["exp_avg_sq"])   # read back from the host
+
+
+@pytest.mark.parametrize("chunk_numel", [2**26, 300], ids=["one chunk", "chunks of 300 values"])
+def test_paged_moments_are_one_slab_and_one_prefetch_per_chunk(monkeypatch, chunk_numel):
+    # The paging decision and the CUDA calls stood in for on the CPU (tests above run them on a GPU):
+    # the paged moments are views of one slab, each chunk's state is prefetched (and paged out) as one
+    # range, and the updates stay torch.optim.AdamW's to the bit, through a state-dict round trip too.
+    slabs, calls = [], []
+    monkeypatch.setattr(qlora.paged_adamw, "UPDATE_CHUNK_NUMEL", chunk_numel)
+    monkeypatch.setattr(qlora.paged_adamw, "managed_zeros", lambda shape, device: slabs.append(torch.zeros(shape))
+                        or slabs[-1])
+    monkeypatch.setattr(qlora.paged_adamw, "prefetch", lambda t: calls.append(("in", t.data_ptr(), t.numel())))
+    monkeypatch.setattr(qlora.paged_adamw, "page_out", lambda t: calls.append(("out", t.data_ptr(), t.numel())))
+    monkeypatch.setattr(PagedAdamW, "_is_paged", lambda self, t: t.numel() >= 64)   # the three weights
+    ours_model, ref_model = _tiny_model(), _tiny_model()
+    ours = PagedAdamW(_groups(ours_model), lr=1e-2, weight_decay=0.01, page_out=True)
+    ref = torch.optim.AdamW(_groups(ref_model), lr=1e-2, weight_decay=0.01, foreach=False)
+    _train(ours_model, ours, 3, seed=1)
+    _train(ref_model, ref, 3, seed=1)
+    assert len(slabs) == 1 and slabs[0].numel() == 2 * (128 + 256 + 64)
+    # Groups of one paged weight each (128, 256, 64 values; m and v back to back): one range per
+    # group and step, in and out; the 300-value chunks split nothing that is paged.
+    base = slabs[0].data_ptr()
+    per_step = [(d, base + 4 * a, n) for a, n in [(0, 256), (256, 512), (768, 128)] for d in ("in", "out")]
+    assert calls == per_step * 3
+    for p in ours_model.parameters():
+        if p.requires_grad:
+            for key in ("exp_avg", "exp_avg_sq"):
+                in_slab = ours.state[p][key].untyped_storage().data_ptr() == slabs[0].untyped_storage().data_ptr()
+                assert in_slab == (p.numel() >= 64)
+    restored_model = copy.deepcopy(ours_model)
+    restored = PagedAdamW(_groups(restored_model), lr=1e-2, weight_decay=0.01)
+    restored.load_state_dict(ours.state_dict())
+    assert len(slabs) == 2
+    _train(restored_model, restored, 2, seed=2)
+    _train(ref_model, ref, 2, seed=2)
+    for p, p_ref in zip(restored_model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, p_ref)

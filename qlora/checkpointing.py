@@ -1,0 +1,218 @@
+"""Gradient checkpointing of a model's blocks: plain, with the block inputs offloaded to the host,
+and with a choice of what the backward pass recomputes.
+
+QLoRA trains with gradient checkpointing (paper section 4): each block's forward runs twice, once
+keeping nothing but the block's input, and again inside backward to rebuild what the block's
+gradient needs. What stays on the GPU between the two is one (B, T, C) input per block: for
+Llama-2-7B at 2 x 2048 tokens, 32 x 32 MiB = 1 GiB, and at long contexts the largest thing of all.
+
+    gradient_checkpointing: false     every block's activations kept (fastest, most memory)
+                            true      each block's input kept on the GPU, the rest recomputed
+                            offload   each block's input copied to pinned host memory on a side
+                                      stream during forward, and back ahead of its recompute
+    recompute:              full      recompute the whole block (with checkpointing on)
+                            selective keep the outputs of the block's C-wide frozen products
+                                      (KEEP_NAMES: q, k, v, o, down for Llama) and recompute the
+                                      rest: the recompute skips 55% of the block's base FLOPs
+                                      for 40 KB per token per block (Llama-2-7B)
+                            none      no recompute: as gradient_checkpointing false
+
+Offloading works through saved-tensor hooks around torch.utils.checkpoint: the checkpoint saves
+its inputs as saved tensors, and an enclosing torch.autograd.graph.saved_tensors_hooks decides how
+(the block's own activations go through checkpoint's inner hooks, which replace ours). So the
+gradients are those of plain checkpointing, bit for bit: the same ops run on the same values.
+Unsloth's use_gradient_checkpointing="unsloth" keeps the same thing on the host.
+"""
+
+import weakref
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+CHECKPOINTING = (False, True, "offload")
+RECOMPUTE = ("full", "selective", "none")
+
+
+# ----------------------------------------------------------------------------- offloaded block inputs
+
+class HostOffload:
+    """Saved-tensor hooks that keep each block's input in (pinned) host memory; one per forward pass.
+
+    Forward: the copy to the host runs on a side stream once the input is computed, while the block
+    computes; the GPU copy is freed when the block is done with it (record_stream keeps the caching
+    allocator from reusing it before the copy has read it). Backward runs the blocks in reverse: when
+    block i's recompute asks for its input, the upload of block i-1's input starts on the side
+    stream, so it arrives while block i recomputes and back-propagates. On the CPU the "host copy"
+    is a plain copy, so the tests run the very same code.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = _copy_stream(device) if self.cuda else None
+        self.saved: list[_HostCopy] = []                 # in forward order
+
+    @contextmanager
+    def block_input(self, x: torch.Tensor):
+        """Offload x where a checkpoint inside this context saves it (the other inputs are kept)."""
+        # A weak reference: autograd keeps the hooks with what they saved, and a closure over x
+        # itself would keep the GPU copy alive all the same.
+        target, ptr, shape = weakref.ref(x), x.data_ptr(), x.shape
+
+        def pack(t):
+            if t is not target() and not (t.data_ptr() == ptr and t.shape == shape):
+                return t                                 # RoPE tables, masks: shared, small, kept
+            return self._offload(t)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
+            yield
+
+    def _offload(self, t: torch.Tensor) -> "_HostCopy":
+        try:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+        except RuntimeError as e:                       # pinned memory is locked RAM: it can run out
+            nbytes = t.numel() * t.element_size()
+            raise torch.OutOfMemoryError(f"gradient_checkpointing: offload could not pin {nbytes / 2**20:.0f} MiB "
+                                         f"of host memory for a block input ({e}): use gradient_checkpointing: "
+                                         "true, or shorter sequences") from e
+        if self.cuda:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))   # t has been written
+            with torch.cuda.stream(self.stream):
+                host.copy_(t, non_blocking=True)
+            t.record_stream(self.stream)                 # not reused before the copy has read it
+        else:
+            host.copy_(t)
+        entry = _HostCopy(self, len(self.saved), host, t.requires_grad)
+        self.saved.append(entry)
+        return entry
+
+    def _upload(self, entry: "_HostCopy") -> None:
+        if entry.gpu is not None or not self.cuda:
+            return
+        main = torch.cuda.current_stream(self.device)
+        # Allocated on the compute stream, which uses it; the copy waits for the memory to be free.
+        entry.gpu = torch.empty(entry.host.shape, dtype=entry.host.dtype, device=self.device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            entry.gpu.copy_(entry.host, non_blocking=True)
+            entry.ready = torch.cuda.Event()
+            entry.ready.record(self.stream)
+
+    def _unpack(self, entry):
+        if not isinstance(entry, _HostCopy):
+            return entry
+        if not self.cuda:
+            x = entry.host.clone()
+        else:
+            self._upload(entry)
+            torch.cuda.current_stream(self.device).wait_event(entry.ready)
+            x, entry.gpu = entry.gpu, None               # the recompute holds it from here on
+            if entry.index > 0:
+                self._upload(self.saved[entry.index - 1])   # the next block backward will ask for
+        return x.requires_grad_(entry.requires_grad)
+
+
+class _HostCopy:
+    """One offloaded block input: its host copy, and its GPU copy while one is on its way back."""
+
+    def __init__(self, owner: HostOffload, index: int, host: torch.Tensor, requires_grad: bool):
+        self.owner, self.index, self.host, self.requires_grad = owner, index, host, requires_grad
+        self.gpu, self.ready = None, None
+
+
+_STREAMS: dict = {}
+
+
+def _copy_stream(device: torch.device):
+    """One side stream per GPU for the host copies (made once: stream creation is not free)."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _STREAMS:
+        _STREAMS[key] = torch.cuda.Stream(device)
+    return _STREAMS[key]
+
+
+# ----------------------------------------------------------------------------- selective recompute
+
+class KeptOutputs:
+    """The frozen products a selectively recomputed block keeps: forward stores each chosen layer's
+    base output, the recompute takes it back instead of computing it again (qlora.lora asks
+    `kept_output`). One per checkpointed block call; what the recompute never asks for (it stops as
+    soon as backward has what it needs) is dropped when the recompute ends."""
+
+    def __init__(self, layers: set):
+        self.layers = layers                 # the modules whose base output is kept
+        self.stored: dict = {}               # module -> base output (M, out)
+        self.reusing = False
+
+    @contextmanager
+    def active(self, reusing: bool):
+        global _ACTIVE
+        outer, _ACTIVE, self.reusing = _ACTIVE, self, reusing
+        try:
+            yield
+        finally:
+            _ACTIVE = outer
+            if reusing:
+                self.stored.clear()
+
+    def contexts(self):
+        """torch.utils.checkpoint's context_fn: (forward context, recompute context)."""
+        return self.active(reusing=False), self.active(reusing=True)
+
+
+_ACTIVE: KeptOutputs | None = None
+
+
+def keeping() -> bool:
+    """Whether a selectively recomputed block is running (cheap: asked by every LoRA forward)."""
+    return _ACTIVE is not None
+
+
+def kept_output(layer, compute):
+    """The base output of `layer` under selective recompute: computed and stored in the forward pass,
+    taken back in the recompute; None where nothing is kept (then the caller computes as usual)."""
+    kept = _ACTIVE
+    if kept is None or layer not in kept.layers:
+        return None
+    if kept.reusing and layer in kept.stored:
+        return kept.stored.pop(layer)
+    with torch.no_grad():                    # W is frozen: the kept product needs no graph
+        y = compute()
+    kept.stored[layer] = y
+    return y
+
+
+# ----------------------------------------------------------------------------- the blocks
+
+def check_settings(gradient_checkpointing, recompute: str) -> None:
+    if gradient_checkpointing not in CHECKPOINTING:
+        raise ValueError(f"gradient_checkpointing must be true, false or offload, got {gradient_checkpointing!r}")
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
+    if gradient_checkpointing == "offload" and recompute == "none":
+        raise ValueError("gradient_checkpointing: offload needs recompute full or selective "
+                         "(with none there is no checkpoint to offload)")
+
+
+def run_blocks(layers, x: torch.Tensor, args: tuple, gradient_checkpointing=False, recompute: str = "full",
+               keep_names: tuple = ()) -> torch.Tensor:
+    """x (B, T, C) through every block as layer(x, *args), checkpointed as the two settings say
+    (module docstring); keep_names: the leaf names of the linears selective recompute keeps."""
+    check_settings(gradient_checkpointing, recompute)
+    if not gradient_checkpointing or recompute == "none" or not torch.is_grad_enabled():
+        for layer in layers:
+            x = layer(x, *args)
+        return x
+    offload = HostOffload(x.device) if gradient_checkpointing == "offload" else None
+    last = len(layers) - 1
+    for i, layer in enumerate(layers):
+        # The last block's input stays: backward asks for it first, right after the loss.
+        saving = offload.block_input(x) if offload is not None and i < last else nullcontext()
+        kwargs = {}
+        if recompute == "selective":
+            kept = KeptOutputs({m for name, m in layer.named_modules() if name.rpartition(".")[2] in keep_names})
+            kwargs["context_fn"] = kept.contexts
+        with saving:
+            x = checkpoint(layer, x, *args, use_reentrant=False, **kwargs)
+    return x

@@ -1,0 +1,135 @@
+"""Gradient checkpointing settings (qlora/checkpointing.py) on a tiny 4-bit Llama with LoRA and dropout:
+offloaded block inputs and selective recompute give the gradients of plain checkpointing bit for
+bit (the same ops on the same values), plain checkpointing gives those of no checkpointing (to
+rounding), and what each setting keeps between forward and backward is what it says."""
+
+import weakref
+
+import pytest
+import torch
+
+from llama.load import load_llama
+from qlora.checkpointing import check_settings, run_blocks
+from qlora.config import from_dict
+from qlora.linear4bit import Linear4bit
+from qlora.lora import apply_lora, lora_layers
+from qlora.loss import causal_lm_loss
+
+
+def tiny_lora_llama(tiny_llama, dropout=0.1, variant="gqa"):
+    model = load_llama(tiny_llama(variant), "cpu", torch.float32, load_in_4bit=True)
+    torch.manual_seed(0)
+    apply_lora(model, "all-linear", r=4, alpha=8, dropout=dropout, verbose=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():                      # B != 0, so the adapters change the loss
+        for layer in lora_layers(model).values():
+            layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=g) * 0.1)
+    return model.train()
+
+
+def loss_and_grads(model, ids, checkpointing, recompute="full", seed=3):
+    model.gradient_checkpointing, model.recompute = checkpointing, recompute
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(seed)                    # the same dropout masks in every run
+    loss = causal_lm_loss(model(ids, return_hidden=True), model.lm_head.weight, ids)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def ids_of(seed=4, shape=(2, 12)):
+    return torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", ["gqa", "mha"])
+def test_offload_and_selective_give_the_gradients_of_plain_checkpointing_exactly(tiny_llama, variant):
+    model, ids = tiny_lora_llama(tiny_llama, variant=variant), ids_of()
+    loss, grads = loss_and_grads(model, ids, True)
+    for setting in [("offload", "full"), (True, "selective"), ("offload", "selective")]:
+        other_loss, other = loss_and_grads(model, ids, *setting)
+        assert torch.equal(other_loss, loss), setting
+        for name, g in grads.items():
+            assert torch.equal(other[name], g), (setting, name)
+
+
+def test_checkpointing_gives_the_gradients_of_no_checkpointing(tiny_llama):
+    model, ids = tiny_lora_llama(tiny_llama), ids_of()
+    loss, grads = loss_and_grads(model, ids, False)
+    for setting in [(True, "full"), (True, "none")]:
+        other_loss, other = loss_and_grads(model, ids, *setting)
+        torch.testing.assert_close(other_loss, loss, rtol=0, atol=1e-6)
+        for name, g in grads.items():
+            torch.testing.assert_close(other[name], g, rtol=1e-5, atol=1e-7, msg=f"{setting} {name}")
+
+
+def block_inputs_alive_after_forward(model, ids, checkpointing):
+    """Weak references to each block's input, taken in forward; which are alive before backward."""
+    refs, handles = [], []
+    for layer in model.model.layers:
+        handles.append(layer.register_forward_pre_hook(lambda m, args: refs.append(weakref.ref(args[0]))))
+    model.gradient_checkpointing = checkpointing
+    hidden = model(ids, return_hidden=True)
+    for h in handles:
+        h.remove()
+    alive = [r() is not None for r in refs]
+    hidden.sum().backward()
+    return alive
+
+
+def test_offload_keeps_no_block_input_but_the_last_in_device_memory(tiny_llama):
+    model, ids = tiny_lora_llama(tiny_llama, variant="mha"), ids_of()
+    # Plain checkpointing keeps every block's input until backward; offloading only the last one
+    # (backward needs it first), the others wait in (here: CPU) host copies.
+    assert block_inputs_alive_after_forward(model, ids, True) == [True, True]
+    assert block_inputs_alive_after_forward(model, ids, "offload") == [False, True]
+
+
+def count_base_forwards(model):
+    calls = {}
+
+    def hook(module, args, out):
+        calls[module] = calls.get(module, 0) + 1
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, Linear4bit)]
+    return calls, handles
+
+
+def test_selective_recompute_skips_the_kept_products(tiny_llama):
+    model, ids = tiny_lora_llama(tiny_llama, variant="mha"), ids_of()
+    names = {m: n.rsplit(".", 2)[-2] for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    for recompute, kept_runs in [("full", 2), ("selective", 1), ("none", 1)]:
+        calls, handles = count_base_forwards(model)
+        loss_and_grads(model, ids, True, recompute)
+        for h in handles:
+            h.remove()
+        for module, n in calls.items():
+            expected = kept_runs if names[module] in model.KEEP_NAMES else (1 if recompute == "none" else 2)
+            assert n == expected, (recompute, names[module], n)
+
+
+def test_run_blocks_without_grad_runs_each_block_once():
+    seen = []
+    layers = [lambda x, tag=i: (seen.append(tag), x + 1)[1] for i in range(3)]
+    with torch.no_grad():
+        out = run_blocks(layers, torch.zeros(2), (), "offload", "selective")
+    assert seen == [0, 1, 2] and torch.equal(out, torch.full((2,), 3.0))
+
+
+@pytest.mark.parametrize("checkpointing, recompute, message", [
+    ("yes", "full", "true, false or offload"),
+    (True, "some", "full, selective, none"),
+    ("offload", "none", "offload needs recompute full or selective"),
+])
+def test_bad_settings_are_refused(checkpointing, recompute, message):
+    with pytest.raises(ValueError, match=message):
+        check_settings(checkpointing, recompute)
+
+
+def test_config_reads_offload_and_recompute():
+    cfg = from_dict({"gradient_checkpointing": "offload", "recompute": "selective"})
+    assert cfg.gradient_checkpointing == "offload" and cfg.recompute == "selective"
+    assert from_dict({"gradient_checkpointing": "true"}).gradient_checkpointing is True
+    assert from_dict({"gradient_checkpointing": False}).recompute == "full"
+    with pytest.raises(ValueError, match="true, false or offload"):
+        from_dict({"gradient_checkpointing": "sometimes"})
+    with pytest.raises(ValueError, match="offload needs recompute"):
+        from_dict({"gradient_checkpointing": "offload", "recompute": "none"})
