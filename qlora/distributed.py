@@ -40,6 +40,7 @@ the data position of the one stream; each rank's RNG comes back when N == M (els
 
 import atexit
 import gc
+import inspect
 import math
 import os
 import sys
@@ -359,8 +360,13 @@ def wrap(model: nn.Module, cfg, device: torch.device) -> nn.Module:
                 dist.broadcast(p, 0)
     # No buffer syncing, at init or per forward: the 4-bit weights are buffers, identical everywhere
     # (every rank loaded the same files) and never updated.
+    # torch 2.13 renamed broadcast_buffers to forward_sync_buffers (the old name warns); torch 2.11, the
+    # GPU machine's, knows only the old one.
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  init_sync=False, forward_sync_buffers=False, gradient_as_bucket_view=True)
+                                  init_sync=False, gradient_as_bucket_view=True, **no_buffer_sync)
     ddp.register_comm_hook(None, _sum_gradients)
     return ddp
 
