@@ -1,7 +1,7 @@
 """Longest trainable context (issue #17): micro-batch 1, the longest sequence for which one training
 step (forward, backward, optimizer) runs without running out of GPU memory, per side and model shape.
 
-    python -m bench.long_context --shape llama2-7b       # ours:offload+shared, peer, unsloth:offload
+    python -m bench.long_context --shape llama2-7b       # ours:offload+shared, ours:shared, peer, unsloth:offload
     python -m bench.long_context --shape llama3-8b --sides ours:offload+shared,ours
     python -m bench.long_context --tiny --cap-tokens 3000   # the search on the CPU (a pretend limit)
 
@@ -47,7 +47,7 @@ from qlora.trainer import pick_device
 
 SHAPES = {"llama2-7b": (LLAMA2_7B, "/tmp/llama2-7b-random"), "llama3-8b": (LLAMA3_8B, "/tmp/llama3-8b-random"),
           "tiny": (TINY, "/tmp/llama-tiny-random")}
-DEFAULT_SIDES = "ours:offload+shared,peer,unsloth:offload"
+DEFAULT_SIDES = "ours:offload+shared,ours:shared,peer,unsloth:offload"
 
 
 # ----------------------------------------------------------------------------- the stand-in attention
@@ -229,10 +229,11 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", choices=[k for k in SHAPES if k != "tiny"], default="llama2-7b")
     parser.add_argument("--tiny", action="store_true", help="test-size model on the CPU (with --cap-tokens)")
     parser.add_argument("--checkpoint", help="checkpoint directory (default: /tmp/<shape>-random, written if missing)")
-    parser.add_argument("--sides", default=DEFAULT_SIDES, help=f"bench/train_step.py side specs (default {DEFAULT_SIDES})")
+    parser.add_argument("--sides", default=DEFAULT_SIDES,
+                        help=f"bench/train_step.py side specs (default {DEFAULT_SIDES})")
     parser.add_argument("--start", type=int, default=16384, help="first length tried (tokens)")
     parser.add_argument("--granularity", type=int, default=8192, help="stop bisecting at this bracket (tokens)")
-    parser.add_argument("--time-cap", type=float, default=70.0, help="seconds of searching per side")
+    parser.add_argument("--time-cap", type=float, default=60.0, help="seconds of searching per side")
     parser.add_argument("--max-tokens", type=int, default=1 << 20,
                         help="longest length tried; Unsloth is loaded with this max_seq_length (default 1M)")
     parser.add_argument("--check", type=int, default=8192, help="tokens of the real-vs-stand-in check (0: none)")
@@ -268,6 +269,7 @@ def main(argv=None) -> int:
                       "cap_tokens", "tokenizer", "device") and v not in (None, "")] + (["--tiny"] if args.tiny else [])
     if not args.tiny:
         extra.append(f"--shape={args.shape}")
+    out = Path(args.json or REPO / f"out/bench/long_context_{args.shape}.json")
     results = {}
     for spec in sides:
         name = spec.split(":")[0]
@@ -279,10 +281,10 @@ def main(argv=None) -> int:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (args.unsloth_path,
                                                                           os.environ.get("PYTHONPATH")) if p))
         # The child's own cap plus its load and the check: a side that hangs cannot eat the others' time.
-        results[spec] = run_side_subprocess("bench.long_context", spec, extra, env=env, timeout=args.time_cap + 240)
+        results[spec] = run_side_subprocess("bench.long_context", spec, extra, env=env, timeout=args.time_cap + 150)
+        # After every side: a device call cut short at its limit keeps the sides that finished.
+        write_text(out, json.dumps({"shape": args.shape, "config": shape, "results": results}, indent=2))
     print_table(results, args.shape)
-    out = Path(args.json or REPO / f"out/bench/long_context_{args.shape}.json")
-    write_text(out, json.dumps({"shape": args.shape, "config": shape, "results": results}, indent=2))
     print(f"details: {out}")
     return 0 if all("error" not in r for r in results.values()) else 1
 

@@ -235,7 +235,8 @@ def peer_info(model) -> dict:
 
 def default_tokenizer() -> str:
     """The Llama 2 tokenizer where the GPU copy carries it (.gpu-data/) or beside the repository."""
-    for path in (REPO / ".gpu-data" / "llama2-tokenizer.model", REPO.parent / "shared" / "data" / "llama2-tokenizer.model"):
+    for path in (REPO / ".gpu-data" / "llama2-tokenizer.model",
+                 REPO.parent / "shared" / "data" / "llama2-tokenizer.model"):
         if path.is_file():
             return str(path)
     return ""
@@ -469,6 +470,7 @@ def main(argv=None) -> int:
     prepare_checkpoint(s.checkpoint, args.tiny)
     extra = ["--checkpoint", s.checkpoint, "--device", str(device)] + (["--tiny"] if args.tiny else []) + \
             ([] if args.profile else ["--no-profile"]) + (["--tokenizer", args.tokenizer] if args.tokenizer else [])
+    out = Path(args.json or REPO / "out/bench/train_step.json")
     results = {}
     for spec in sides:
         name = spec.split(":")[0]
@@ -482,13 +484,15 @@ def main(argv=None) -> int:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (args.unsloth_path,
                                                                           os.environ.get("PYTHONPATH")) if p))
         results[spec] = run_side_subprocess("bench.train_step", spec, extra, env=env)
+        # After every side: a device call cut short at its limit keeps the sides that finished.
+        write_text(out, json.dumps({"settings": asdict(s), "matmul_ceiling_tflops": None, "results": results},
+                                   indent=2))
     ceiling = matmul_ceiling_tflops(device) if device.type == "cuda" else None
 
     print_tables(results, s, ceiling, versions()["device"])
     for spec, result in results.items():
         if "error" in result or "skipped" in result:
             print(f"{spec}: {result.get('error') or 'skipped: ' + result['skipped']}")
-    out = Path(args.json or REPO / "out/bench/train_step.json")
     mfus = {spec: dict(zip(("mfu", "hfu"), mfu(r, ceiling, spec))) for spec, r in results.items()}
     write_text(out, json.dumps({"settings": asdict(s), "matmul_ceiling_tflops": ceiling, "mfu": mfus,
                                "results": results}, indent=2))
