@@ -180,3 +180,25 @@ def tiny_falcon(tmp_path):
     def make(variant: str = "7b", **overrides):
         return write_tiny_falcon(tmp_path / f"falcon-{variant}", **{**FALCON_VARIANTS[variant], **overrides})
     return make
+
+
+# train.py end to end (tests/test_train.py, tests/test_distributed.py): a tiny config.json, 160 built-in
+# SQL rows and a 512-piece tokenizer trained on them.
+TRAIN_MODEL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+               "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256,
+               "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+
+def write_train_inputs(root: Path) -> Path:
+    """root/rows.jsonl, root/tiny.json and root/tok.model for train.py runs -> root."""
+    import json
+    from llama.tokenizer import train_tokenizer
+    from qlora.data import format_row
+    from qlora.sql_dataset import sql_rows, write_jsonl
+
+    rows = sql_rows(160, seed=1)
+    write_jsonl(rows, root / "rows.jsonl")
+    (root / "tiny.json").write_text(json.dumps(TRAIN_MODEL))
+    train_tokenizer(["".join(format_row(r, "context_qa")) for r in rows], 512, root / "tok.model")
+    return root

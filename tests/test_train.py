@@ -9,25 +9,15 @@ import pytest
 import torch
 
 import train
+from conftest import write_train_inputs
 from qlora import checkpoint as ckpt
-from llama.tokenizer import train_tokenizer
-from qlora.data import Batches, format_row
+from qlora.data import Batches
 from qlora.sql_dataset import sql_rows, write_jsonl
-
-TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-        "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    rows = sql_rows(160, seed=1)
-    write_jsonl(rows, root / "rows.jsonl")
-    (root / "tiny.json").write_text(json.dumps(TINY))
-    train_tokenizer(["".join(format_row(r, "context_qa")) for r in rows], 512, root / "tok.model")
-    return root
+    return write_train_inputs(tmp_path_factory.mktemp("train"))
 
 
 @pytest.fixture(scope="module")
