@@ -14,8 +14,11 @@ from pathlib import Path
 import torch
 
 from bench.random_model import LLAMA2_7B, TINY, write_random_checkpoint
+from llama.model import Llama
 
 REPO = Path(__file__).resolve().parents[1]
+# The peers' target_modules for "every linear layer": our Llama's names, which are transformers'.
+LINEAR = list(Llama.LINEAR_NAMES)
 CHECKPOINT_7B = "/tmp/llama2-7b-random"
 CHECKPOINT_TINY = "/tmp/llama-tiny-random"
 GiB = 2**30

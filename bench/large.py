@@ -56,7 +56,8 @@ from pathlib import Path
 import torch
 
 from bench import train_step
-from bench.common import REPO, GiB, load_ours, measure_load, ratio, run_side_subprocess, size, time_steps, versions
+from bench.common import (LINEAR, REPO, GiB, load_ours, measure_load, ratio, run_side_subprocess, size, time_steps,
+                          versions)
 from bench.random_model import CODELLAMA_34B, LLAMA2_13B, LLAMA2_70B, TINY, write_random_checkpoint
 from bench.train_step import (Settings, flops_per_token, matmul_ceiling_tflops, mfu, ours_step, peer_info, peer_step,
                               random_batch)
@@ -67,7 +68,6 @@ SHAPES = {"13b": LLAMA2_13B, "34b": CODELLAMA_34B, "70b": LLAMA2_70B}
 # --tiny: the same parts at test size; 34b and 70b with grouped-query attention, as the real ones.
 TINY_SHAPES = {"13b": TINY, "34b": dict(TINY, num_key_value_heads=2), "70b": dict(TINY, num_key_value_heads=2)}
 CHECKPOINT_13B, CHECKPOINT_TINY = "/tmp/llama2-13b-random", "/tmp/llama-large-tiny"
-LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAPER_GPU = 48e9                 # the paper's "single 48GB GPU" (44.7 GiB)
 GOAL_70B = {64: PAPER_GPU, 16: 41 * GiB}          # issue 23: 70B peak allocated at 1 x 2048, by LoRA rank
 GOAL_SPEEDUP = {"peer": 1.3, "unsloth": 1.1}      # issue 23: 13B tokens/s over each peer

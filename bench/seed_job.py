@@ -47,13 +47,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import (CHECKPOINT_7B, CHECKPOINT_TINY, REPO, load_ours, load_peer, prepare_checkpoint,
+from bench.common import (CHECKPOINT_7B, CHECKPOINT_TINY, LINEAR, REPO, load_ours, load_peer, prepare_checkpoint,
                           run_side_subprocess, size, versions)
 from qlora.trainer import pick_device
 
 SHARED_DATA = REPO.parent / "shared" / "data"     # beside the repository, as tests/conftest.py finds it
 SIDES = ("hf", "ours", "ours_packed", "unsloth", "unsloth_packed")
-LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GOALS = {"builtin": 20.0, "spider": 4.0}   # (c) over (a), useful tokens/s
 
 

@@ -59,8 +59,8 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-from bench.common import (CHECKPOINT_7B, CHECKPOINT_TINY, REPO, load_ours, load_peer, measure_load, prepare_checkpoint,
-                          ratio, run_side_subprocess, size, time_steps, versions)
+from bench.common import (CHECKPOINT_7B, CHECKPOINT_TINY, LINEAR, REPO, load_ours, load_peer, measure_load,
+                          prepare_checkpoint, ratio, run_side_subprocess, size, time_steps, versions)
 from bench.memory_at_peak import print_peak, record_peak
 from bench.step_profile import print_profile, profile_step
 from qlora.atomic import write_text
@@ -69,7 +69,6 @@ from qlora.trainer import pick_device
 GOAL_SPEEDUP, GOAL_MEMORY = 2.0, 0.7     # issue #8: >= 2x the peer's tokens/s in <= 0.7x its peak memory
 GOAL_UNSLOTH_SPEEDUP, GOAL_PEAK_GIB = 1.4, 4.6   # issue #17: >= 1.4x Unsloth's tokens/s, peak <= 4.6 GiB
 LEVERS = {"ours": ("offload", "shared", "selective", "none"), "peer": (), "unsloth": ("offload",)}
-LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
