@@ -53,14 +53,17 @@ def use_kernels(x: torch.Tensor) -> bool:
     return use_kernel(x, KERNEL_DTYPES)
 
 
-def _autocast_input(x: torch.Tensor) -> torch.Tensor:
-    """x in autocast's dtype when autocast is on, as F.linear computes. Without this an fp32 input
-    (autocast runs LayerNorm in fp32: Falcon's blocks) took the fp32 reference path."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        if x.dtype != dtype:                  # a no-op .to() is still an op the host dispatches
-            x = x.to(dtype)
-    return x
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a layer computes x in: autocast's when it is on (bf16 in QLoRA training), as F.linear
+    does, else x's own. Without it an fp32 input under autocast (LayerNorm runs in fp32 there: Falcon's
+    blocks) took the fp32 reference path."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; t itself when it already is (a no-op .to() is still an op the host dispatches)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class Linear4bit(nn.Module):
@@ -149,7 +152,7 @@ class Linear4bit(nn.Module):
         return dequantize_nf4(self.packed, self.state).to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _autocast_input(x)
+        x = cast(x, compute_dtype(x))
         if use_kernels(x):
             return NF4Matmul.apply(x, self.bias, self.packed.reshape(-1), self.state)
         # The reference: fp32 inputs, or a CPU without TRITON_INTERPRET=1.
@@ -159,7 +162,7 @@ class Linear4bit(nn.Module):
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """forward's value without its autograd node, for callers that write their own backward
         (qlora.lora.LoRAFunction: a node inside a node costs host time and records nothing)."""
-        x = _autocast_input(x)
+        x = cast(x, compute_dtype(x))
         if use_kernels(x):
             return linear_nf4(x, self.bias, self.packed.reshape(-1), self.state)
         return self.forward(x)

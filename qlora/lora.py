@@ -19,7 +19,7 @@ import torch.nn as nn
 from kernels.common import use_kernel
 from kernels.lora_grad import LORA_GRAD_DTYPES, lora_dropout_grad_
 from qlora import checkpointing
-from qlora.linear4bit import Linear4bit
+from qlora.linear4bit import Linear4bit, cast, compute_dtype
 
 ADAPTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -136,10 +136,10 @@ class LoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, y=None):
         dtype = compute_dtype(x)
-        a, b = _cast(lora_a, dtype), _cast(lora_b, dtype)               # [r, in], [out, r]
+        a, b = cast(lora_a, dtype), cast(lora_b, dtype)               # [r, in], [out, r]
         fresh = y is None
-        y = _cast(_base_forward(base, x) if fresh else y, dtype)       # (..., out); autocast's dtype already
-        x2 = _cast(x.reshape(-1, x.shape[-1]), dtype)                   # (M, in)
+        y = cast(_base_forward(base, x) if fresh else y, dtype)       # (..., out); autocast's dtype already
+        x2 = cast(x.reshape(-1, x.shape[-1]), dtype)                   # (M, in)
         xd, mask = torch.native_dropout(x2, p, True) if p > 0 else (x2, None)   # (M, in), bool (M, in)
         h = xd @ a.t()                                                  # (M, r)
         # In place when y is this call's own fresh tensor (out-of-place addmm would first copy it);
@@ -189,16 +189,16 @@ class SharedInputLoRAFunction(torch.autograd.Function):
     def forward(ctx, x, bases, scalings, p: float, kept, *ab):
         G = len(bases)
         dtype = compute_dtype(x)
-        a = torch.cat(ab[:G]).to(dtype) if G > 1 else _cast(ab[0], dtype)   # [R, in]
-        bs = [_cast(b, dtype) for b in ab[G:]]                              # [out_g, r_g] each
-        x2 = _cast(x.reshape(-1, x.shape[-1]), dtype)                       # (M, in)
+        a = torch.cat(ab[:G]).to(dtype) if G > 1 else cast(ab[0], dtype)   # [R, in]
+        bs = [cast(b, dtype) for b in ab[G:]]                              # [out_g, r_g] each
+        x2 = cast(x.reshape(-1, x.shape[-1]), dtype)                       # (M, in)
         xd, mask = torch.native_dropout(x2, p, True) if p > 0 else (x2, None)   # (M, in), bool (M, in)
         h = xd @ a.t()                                                      # (M, R)
         outs, start = [], 0
         for base, s, b, y in zip(bases, scalings, bs, kept):
             r = b.shape[1]
             fresh = y is None
-            y2 = _cast(_base_forward(base, x) if fresh else y, dtype).reshape(-1, b.shape[0])   # (M, out_g)
+            y2 = cast(_base_forward(base, x) if fresh else y, dtype).reshape(-1, b.shape[0])   # (M, out_g)
             hg = h[:, start:start + r]                                      # (M, r_g), a view
             out = y2.addmm_(hg, b.t(), alpha=s) if fresh else torch.addmm(y2, hg, b.t(), alpha=s)
             outs.append(out.view(*x.shape[:-1], b.shape[0]))
@@ -261,18 +261,6 @@ def shared_input_forward(layers, x: torch.Tensor) -> list[torch.Tensor]:
                                               *[layer.lora_b for layer in layers]))
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The adapter's compute dtype: autocast's (bf16 in QLoRA training) when it is on, else x's.
-    Backward runs outside autocast, so everything it reads is saved in that dtype."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # A no-op .to() is still an op the host dispatches; under autocast most of these are no-ops.
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """base(x) inside a Function's forward (grad off): a 4-bit base without its own NF4Matmul node."""
     return base.product(x) if isinstance(base, Linear4bit) else base(x)
@@ -283,7 +271,7 @@ def _base_grad_input(base: nn.Module, grad_y: torch.Tensor, out: torch.Tensor | 
     `out` (in place, in the product's epilogue) when given."""
     if isinstance(base, Linear4bit):
         return base.grad_input(grad_y, out)
-    w = _cast(base.weight, grad_y.dtype)
+    w = cast(base.weight, grad_y.dtype)
     return grad_y @ w if out is None else out.addmm_(grad_y, w)
 
 
