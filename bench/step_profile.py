@@ -214,7 +214,17 @@ def group_profile(events, cuda: bool) -> dict:
                     and not e.name.startswith(("bench:", "ProfilerStep")))
         rows["other (memcpy, memset, unattributed)"] += max(0.0, total - sum(rows.values()))
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
+    # Host side: the CUDA runtime calls by total time (a cudaHostAlloc or a synchronize in the step
+    # shows here; kernels launched are only cudaLaunchKernel's microseconds).
+    runtime = {}
+    for e in cpu_events:
+        if e.name.startswith("cu") and not e.name.startswith("cutlass"):
+            entry = runtime.setdefault(e.name, [0.0, 0])
+            entry[0] += e.time_range.elapsed_us()
+            entry[1] += 1
+    host = sorted(runtime.items(), key=lambda kv: -kv[1][0])[:12]
     return {"rows": rows, "top": [dict(name=n, row=r, us=us, count=c) for (n, r), (us, c) in top],
+            "runtime": [dict(name=n, us=us, count=c) for n, (us, c) in host],
             "kernels": len(work) if cuda else None,
             "aten_ops": sum(1 for e in cpu_events if e.name.startswith("aten::") and
                             not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))}
@@ -259,6 +269,11 @@ def print_profile(profiled: dict) -> None:
         print(f"\n{side}: the 10 costliest kernels (40 in the JSON)")
         for k in profiled[side]["top"][:10]:
             print(f"  {k['us'] / 1e3:8.1f} ms {k['count']:6d}x  [{k['row'].split(' (')[0]}]  {k['name'][:100]}")
+    for side in sides:
+        if profiled[side].get("runtime"):
+            print(f"\n{side}: the costliest CUDA runtime calls (host time)")
+            for r in profiled[side]["runtime"][:8]:
+                print(f"  {r['us'] / 1e3:8.1f} ms {r['count']:6d}x  {r['name'][:80]}")
     print()
     for side in sides:
         wall, busy = profiled[side]["wall_s"], totals[side] / 1e6

@@ -84,6 +84,29 @@ def test_offload_keeps_no_block_input_but_the_last_in_device_memory(tiny_llama):
     assert block_inputs_alive_after_forward(model, ids, "offload") == [False, True]
 
 
+def test_offload_host_copies_are_freed_when_backward_ends_without_the_garbage_collector(tiny_llama, monkeypatch):
+    # Pinned host copies must go back to the caching host allocator as soon as backward is done with
+    # them; left to Python's cyclic collector (a reference cycle), every next step would pin fresh memory.
+    import gc
+    from qlora import checkpointing
+    model, ids = tiny_lora_llama(tiny_llama, variant="mha"), ids_of()
+    model.gradient_checkpointing = "offload"
+    copies = []
+    offload = checkpointing.HostOffload._offload
+    monkeypatch.setattr(checkpointing.HostOffload, "_offload",
+                        lambda self, t: copies.append(weakref.ref(entry := offload(self, t))) or entry)
+    gc.collect()
+    gc.disable()
+    try:
+        loss = causal_lm_loss(model(ids, return_hidden=True), model.lm_head.weight, ids)
+        assert copies and all(r() is not None for r in copies)      # held for the backward pass
+        loss.backward()
+        del loss
+        assert all(r() is None for r in copies)
+    finally:
+        gc.enable()
+
+
 def count_base_forwards(model):
     calls = {}
 
