@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import REPO, prepare_checkpoint, run_side_subprocess, size, versions
+from qlora.checkpointing import PINNED_POOL
 from bench.random_model import LLAMA2_7B, LLAMA3_8B, TINY
 from qlora.atomic import write_text
 from qlora.trainer import pick_device
@@ -109,6 +110,8 @@ def fits(step, vocab_size: int, T: int, device, cap_tokens: int | None,
     if cap_tokens is not None and T > cap_tokens:          # the CPU smoke test's pretend limit
         return False, None
     available = host_available()
+    if available is not None:             # the offload pool's free buffers are unpinned before new ones
+        available += PINNED_POOL.free_bytes()
     if host_needed and available and host_needed > 0.8 * available:
         print(f"  {T:,d} tokens need {size(host_needed)} of pinned host memory, {size(available)} available: "
               "counted as not fitting (host memory)", flush=True)

@@ -156,3 +156,28 @@ def test_config_reads_offload_and_recompute():
         from_dict({"gradient_checkpointing": "sometimes"})
     with pytest.raises(ValueError, match="offload needs recompute"):
         from_dict({"gradient_checkpointing": "offload", "recompute": "none"})
+
+
+def test_pinned_pool_reuses_exact_buffers_and_drops_the_too_small():
+    # The pool behind offloading (CPU here: the same bookkeeping, nothing pinned): a freed block copy's
+    # buffer serves the next request that fits, a longer step's requests replace the shorter ones'.
+    from qlora.checkpointing import PinnedPool
+    pool = PinnedPool()
+    a = pool.take((3, 5), torch.bfloat16, pinned=False)
+    shape, dtype = a.shape, a.dtype
+    assert shape == (3, 5) and dtype == torch.bfloat16 and pool.held == 30
+    ptr = a.data_ptr()
+    del a                                                    # back to the pool
+    b = pool.take((2, 5), torch.bfloat16, pinned=False)      # fits in the freed 30 bytes: reused
+    reused = b.data_ptr() == ptr                             # (no tensor inside an assert: pytest keeps it)
+    assert reused and pool.held == 30
+    c = pool.take((4, 5), torch.float32, pinned=False)       # nothing free fits: a new exact buffer
+    assert pool.held == 30 + 80 and pool.free_bytes() == 0
+    del b, c
+    assert pool.free_bytes() == 110
+    d = pool.take((8, 5), torch.float32, pinned=False)       # longer than all: the free ones go
+    assert pool.held == 160 and pool.free == []
+    d.fill_(1.0)
+    del d
+    pool.empty()
+    assert pool.held == 0 and pool.free == []
