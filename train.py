@@ -35,6 +35,7 @@ from qlora.adapter import load_adapter, save_adapter
 from qlora.atomic import check_writable_dir, clean_leftovers, write_file
 from qlora.checkpoint import (check_resume_config, find_checkpoint, list_checkpoints, load_checkpoint, rng_state,
                               save_checkpoint)
+from qlora.checkpointing import set_checkpointing
 from qlora.config import TrainConfig, parse_args
 from qlora.errors import run_cli
 from qlora import progress
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
     model = load_base(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed,
                       quantize=distributed.shard_quantizer if fsdp else None)
     print(f"base model loaded in {time.time() - t0:.1f}s ({'NF4' if cfg.load_in_4bit else dtype} weights)")
-    model.gradient_checkpointing, model.recompute = cfg.gradient_checkpointing, cfg.recompute
+    set_checkpointing(model, cfg.gradient_checkpointing, cfg.recompute)   # offload: the embedding table to the host too
     if cfg.lora_model_dir:   # continue training an adapter (its own r, alpha and targets), as axolotl
         load_adapter(model, cfg.lora_model_dir, dtype=torch.float32)
         for layer in lora_layers(model).values():

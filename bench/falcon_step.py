@@ -127,6 +127,7 @@ def load_peer(path, device: torch.device, dtype: torch.dtype):
 def build_ours(path, r: dict, device, dtype):
     """train.py's model, optimizer and step -> (model, step(ids, labels) -> loss, info)."""
     from falcon.load import load_falcon
+    from qlora.checkpointing import set_checkpointing
     from qlora.config import TrainConfig
     from qlora.lora import apply_lora, count_parameters
     from qlora.loss import causal_lm_loss
@@ -137,7 +138,7 @@ def build_ours(path, r: dict, device, dtype):
                       learning_rate=r["learning_rate"], lr_scheduler="constant", warmup_steps=0,
                       max_grad_norm=r["max_grad_norm"], gradient_checkpointing=True, weight_decay=0.0)
     model, load = measure_load(lambda: load_falcon(path, device, dtype, load_in_4bit=True), device)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
+    set_checkpointing(model, cfg.gradient_checkpointing, cfg.recompute)
     torch.manual_seed(r["seed"])
     apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
     model.train()                                    # as the Trainer does: dropout on, checkpointing on

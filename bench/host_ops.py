@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     parser.add_argument("--offload", action="store_true", help="gradient_checkpointing: offload")
     args = parser.parse_args(argv)
     from qlora import trainer
+    from qlora.checkpointing import set_checkpointing
     from qlora.config import TrainConfig
     from qlora.lora import apply_lora, share_dropout
     from qlora.loss import causal_lm_loss
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     prepare_checkpoint(CHECKPOINT_TINY, tiny=True)
     device = torch.device("cpu")
     model = load_ours(CHECKPOINT_TINY, device, torch.bfloat16)
-    model.gradient_checkpointing = "offload" if args.offload else True
+    set_checkpointing(model, "offload" if args.offload else True)
     torch.manual_seed(0)
     apply_lora(model, "all-linear", 8, 16, 0.05, verbose=False)
     share_dropout(model, args.shared)

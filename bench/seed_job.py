@@ -129,6 +129,7 @@ def micro_batches(examples, s: Settings, packed: bool, count: int) -> tuple[list
 
 def build_ours(s: Settings, device, packed: bool):
     """train.py's pieces with the seed's YAML (configs/sql.yml) -> (step(micro_batches) -> loss, info)."""
+    from qlora.checkpointing import set_checkpointing
     from qlora.config import from_dict, load_yaml
     from qlora.lora import apply_lora, count_parameters
     from qlora.trainer import accumulate_gradients, make_optimizer, mixed_precision, optimizer_step, pick_dtype
@@ -139,7 +140,7 @@ def build_ours(s: Settings, device, packed: bool):
                          "sample_packing": packed, "sequence_len": s.sequence_len})
     dtype = pick_dtype(cfg, device)
     model = load_ours(cfg.base_model, device, dtype)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
+    set_checkpointing(model, cfg.gradient_checkpointing, cfg.recompute)
     torch.manual_seed(s.seed)
     apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
     params = [p for p in model.parameters() if p.requires_grad]

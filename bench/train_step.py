@@ -146,11 +146,12 @@ def ours_step(model, cfg, device: torch.device, dtype: torch.dtype, total_steps:
     """train.py's adapters, optimizer and step on a loaded base model -> (step(input_ids, labels) -> loss,
     info). step.optimizer and step.params are the optimizer and the trainable parameters."""
     from qlora import trainer
+    from qlora.checkpointing import set_checkpointing
     from qlora.lora import apply_lora, count_parameters, share_dropout
     from qlora.loss import causal_lm_loss
 
     # train.py's lines in its order, through qlora/trainer.py as train.py calls it.
-    model.gradient_checkpointing, model.recompute = cfg.gradient_checkpointing, cfg.recompute
+    set_checkpointing(model, cfg.gradient_checkpointing, cfg.recompute)
     torch.manual_seed(cfg.seed)
     apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
     share_dropout(model, cfg.lora_shared_dropout)

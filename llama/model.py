@@ -374,7 +374,7 @@ class Llama(nn.Module):
 
     def setup_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> None:
         """Give every attention layer a zeroed KV cache for batch_size rows of max_len positions."""
-        w = self.model.embed_tokens.weight
+        w = self.lm_head.weight              # (the embedding table may be on the host: HostEmbedding)
         for layer in self.model.layers:
             attn = layer.self_attn
             attn.kv_cache = KVCache(batch_size, attn.n_kv_heads, max_len, attn.head_dim,

@@ -9,7 +9,9 @@ Llama-2-7B at 2 x 2048 tokens, 32 x 32 MiB = 1 GiB, and at long contexts the lar
     gradient_checkpointing: false     every block's activations kept (fastest, most memory)
                             true      each block's input kept on the GPU, the rest recomputed
                             offload   each block's input copied to pinned host memory on a side
-                                      stream during forward, and back ahead of its recompute
+                                      stream during forward, and back ahead of its recompute;
+                                      and a frozen embedding table that lm_head does not share
+                                      kept on the host (HostEmbedding; Unsloth's offload does both)
     recompute:              full      recompute the whole block (with checkpointing on)
                             selective keep the outputs of the block's C-wide frozen products
                                       (KEEP_NAMES: q, k, v, o, down for Llama) and recompute the
@@ -29,6 +31,7 @@ import weakref
 from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 CHECKPOINTING = (False, True, "offload")
@@ -198,6 +201,58 @@ class PinnedPool:
 
 
 PINNED_POOL = PinnedPool()                               # one per process: all GPUs' block inputs
+
+
+# ----------------------------------------------------------------------------- the embedding table on the host
+
+class HostEmbedding(nn.Module):
+    """A frozen embedding table kept in host memory: the lookup runs on the CPU and only the rows
+    looked up, (B, T, C), go to the GPU (32 MiB per micro-batch of 2 x 2048 at 7B, where the table is
+    250 MiB that would stay on the GPU all the time).
+
+    The table is neither a parameter nor a buffer, so model.to(), DDP and FSDP2 leave it on the host;
+    state_dict() still has it under `<name>.weight` (merged export reads that)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.table = weight.detach().to("cpu")               # (vocab, C), the compute dtype
+        self.device = weight.device
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        C = self.table.shape[1]
+        cuda = self.device.type == "cuda"
+        if cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the embedding table is on the host (gradient_checkpointing: offload), which a CUDA "
+                               "graph cannot capture: decode with cuda_graph=False, or load the model without offload")
+        rows = torch.empty((ids.numel(), C), dtype=self.table.dtype, pin_memory=cuda)   # (B*T, C)
+        # ids.cpu() waits for the GPU: the ids are ready long before (the first op of a step).
+        torch.index_select(self.table, 0, ids.reshape(-1).cpu(), out=rows)
+        return rows.view(*ids.shape, C).to(self.device, non_blocking=True)              # (B, T, C)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.table
+
+
+def embeddings_to_host(model: nn.Module) -> int:
+    """Replace each frozen nn.Embedding on a GPU whose table lm_head does not share (tied tables,
+    e.g. Falcon's, stay) by a HostEmbedding -> the GPU bytes freed."""
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    freed = 0
+    for name, m in list(model.named_modules()):
+        if (isinstance(m, nn.Embedding) and m.weight.device.type == "cuda" and not m.weight.requires_grad
+                and m.weight is not head):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, HostEmbedding(m.weight))
+            freed += m.weight.numel() * m.weight.element_size()
+    return freed
+
+
+def set_checkpointing(model: nn.Module, gradient_checkpointing, recompute: str = "full") -> None:
+    """The model's two settings (module docstring); offload also moves the embedding table to the host."""
+    check_settings(gradient_checkpointing, recompute)
+    model.gradient_checkpointing, model.recompute = gradient_checkpointing, recompute
+    if gradient_checkpointing == "offload":
+        embeddings_to_host(model)
 
 
 # ----------------------------------------------------------------------------- selective recompute

@@ -181,3 +181,28 @@ def test_pinned_pool_reuses_exact_buffers_and_drops_the_too_small():
     del d
     pool.empty()
     assert pool.held == 0 and pool.free == []
+
+
+def test_host_embedding_gives_the_lookup_and_the_same_training_step(tiny_llama):
+    # gradient_checkpointing: offload keeps a frozen, untied embedding table on the host (on a GPU;
+    # here the module is put in by hand): the same rows, the same loss and LoRA gradients, the same
+    # state_dict keys, and model.to() leaves the table where it is.
+    from qlora.adapter import merged_state_dict
+    from qlora.checkpointing import HostEmbedding
+    model, ids = tiny_lora_llama(tiny_llama, variant="gqa"), ids_of()
+    keys = list(model.state_dict())
+    loss, grads = loss_and_grads(model, ids, True)
+    merged = merged_state_dict(model, torch.float32)
+    table = model.model.embed_tokens.weight
+    model.model.embed_tokens = HostEmbedding(table)
+    torch.testing.assert_close(model.model.embed_tokens(ids), torch.nn.functional.embedding(ids, table), rtol=0, atol=0)
+    other_loss, other = loss_and_grads(model, ids, "offload")
+    assert torch.equal(other_loss, loss)
+    for name, g in grads.items():
+        assert torch.equal(other[name], g), name
+    assert list(model.state_dict()) == keys
+    for key, tensor in merged_state_dict(model, torch.float32).items():
+        assert torch.equal(tensor, merged[key]), key
+    model.to(torch.float64)                                   # a parameter-wide move: not the table
+    same_dtype = model.model.embed_tokens.table.dtype == table.dtype
+    assert same_dtype
