@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     model = load_base(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed,
                       quantize=distributed.shard_quantizer if fsdp else None)
     print(f"base model loaded in {time.time() - t0:.1f}s ({'NF4' if cfg.load_in_4bit else dtype} weights)")
-    set_checkpointing(model, cfg.gradient_checkpointing, cfg.recompute)   # offload: the embedding table to the host too
+    set_checkpointing(model, cfg.gradient_checkpointing, cfg.recompute, cfg.embeddings_on_host)
     if cfg.lora_model_dir:   # continue training an adapter (its own r, alpha and targets), as axolotl
         load_adapter(model, cfg.lora_model_dir, dtype=torch.float32)
         for layer in lora_layers(model).values():

@@ -12,6 +12,7 @@ full, one dropout mask per LoRA layer); after a colon, levers joined by "+" (iss
     offload    gradient_checkpointing: offload (block inputs in pinned host memory)
     shared     lora_shared_dropout: true (q/k/v and gate/up share one mask and one A product)
     selective  recompute: selective (keep the C-wide frozen products)   none: recompute: none
+    hostemb    embeddings_on_host: true (the frozen embedding table in host memory)
 `peer` is transformers + PEFT + bitsandbytes; `unsloth` is Unsloth with use_gradient_checkpointing=True,
 `unsloth:offload` with "unsloth" (its offloaded checkpoints). Unsloth needs its wheels on the path the
 child gets (--unsloth-path, shared/docs/PEERS.md) and a tokenizer (--tokenizer; default the Llama 2
@@ -68,7 +69,7 @@ from qlora.trainer import pick_device
 
 GOAL_SPEEDUP, GOAL_MEMORY = 2.0, 0.7     # issue #8: >= 2x the peer's tokens/s in <= 0.7x its peak memory
 GOAL_UNSLOTH_SPEEDUP, GOAL_PEAK_GIB = 1.4, 4.6   # issue #17: >= 1.4x Unsloth's tokens/s, peak <= 4.6 GiB
-LEVERS = {"ours": ("offload", "shared", "selective", "none"), "peer": (), "unsloth": ("offload",)}
+LEVERS = {"ours": ("offload", "shared", "selective", "none", "hostemb"), "peer": (), "unsloth": ("offload",)}
 
 
 @dataclass
@@ -120,7 +121,8 @@ def ours_config(s: Settings, levers: tuple[str, ...] = ()):
                        lora_dropout=s.lora_dropout, learning_rate=s.learning_rate, weight_decay=0.0,
                        lr_scheduler="constant", warmup_steps=0, max_grad_norm=s.max_grad_norm,
                        optimizer="paged_adamw_32bit", gradient_checkpointing="offload" if "offload" in levers else True,
-                       recompute=recompute, lora_shared_dropout="shared" in levers, gradient_accumulation_steps=1,
+                       recompute=recompute, lora_shared_dropout="shared" in levers,
+                       embeddings_on_host="hostemb" in levers, gradient_accumulation_steps=1,
                        micro_batch_size=s.micro_batch, sequence_len=s.seq_len, seed=s.seed)
 
 
@@ -151,7 +153,7 @@ def ours_step(model, cfg, device: torch.device, dtype: torch.dtype, total_steps:
     from qlora.loss import causal_lm_loss
 
     # train.py's lines in its order, through qlora/trainer.py as train.py calls it.
-    set_checkpointing(model, cfg.gradient_checkpointing, cfg.recompute)
+    set_checkpointing(model, cfg.gradient_checkpointing, cfg.recompute, cfg.embeddings_on_host)
     torch.manual_seed(cfg.seed)
     apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
     share_dropout(model, cfg.lora_shared_dropout)

@@ -9,9 +9,7 @@ Llama-2-7B at 2 x 2048 tokens, 32 x 32 MiB = 1 GiB, and at long contexts the lar
     gradient_checkpointing: false     every block's activations kept (fastest, most memory)
                             true      each block's input kept on the GPU, the rest recomputed
                             offload   each block's input copied to pinned host memory on a side
-                                      stream during forward, and back ahead of its recompute;
-                                      and a frozen embedding table that lm_head does not share
-                                      kept on the host (HostEmbedding; Unsloth's offload does both)
+                                      stream during forward, and back ahead of its recompute
     recompute:              full      recompute the whole block (with checkpointing on)
                             selective keep the outputs of the block's C-wide frozen products
                                       (KEEP_NAMES: q, k, v, o, down for Llama) and recompute the
@@ -247,11 +245,13 @@ def embeddings_to_host(model: nn.Module) -> int:
     return freed
 
 
-def set_checkpointing(model: nn.Module, gradient_checkpointing, recompute: str = "full") -> None:
-    """The model's two settings (module docstring); offload also moves the embedding table to the host."""
+def set_checkpointing(model: nn.Module, gradient_checkpointing, recompute: str = "full",
+                      embeddings_on_host: bool = False) -> None:
+    """The model's two settings (module docstring), checked; and the embedding table to the host if asked
+    (Unsloth's offload does that too; here it is its own setting, embeddings_on_host)."""
     check_settings(gradient_checkpointing, recompute)
     model.gradient_checkpointing, model.recompute = gradient_checkpointing, recompute
-    if gradient_checkpointing == "offload":
+    if embeddings_on_host:
         embeddings_to_host(model)
 
 

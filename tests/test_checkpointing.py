@@ -156,6 +156,8 @@ def test_config_reads_offload_and_recompute():
         from_dict({"gradient_checkpointing": "sometimes"})
     with pytest.raises(ValueError, match="offload needs recompute"):
         from_dict({"gradient_checkpointing": "offload", "recompute": "none"})
+    assert from_dict({"embeddings_on_host": True}).embeddings_on_host is True
+    assert from_dict({}).embeddings_on_host is False
 
 
 def test_pinned_pool_reuses_exact_buffers_and_drops_the_too_small():
@@ -184,8 +186,8 @@ def test_pinned_pool_reuses_exact_buffers_and_drops_the_too_small():
 
 
 def test_host_embedding_gives_the_lookup_and_the_same_training_step(tiny_llama):
-    # gradient_checkpointing: offload keeps a frozen, untied embedding table on the host (on a GPU;
-    # here the module is put in by hand): the same rows, the same loss and LoRA gradients, the same
+    # embeddings_on_host keeps a frozen, untied embedding table on the host (on a GPU; here the
+    # module is put in by hand): the same rows, the same loss and LoRA gradients, the same
     # state_dict keys, and model.to() leaves the table where it is.
     from qlora.adapter import merged_state_dict
     from qlora.checkpointing import HostEmbedding
