@@ -208,3 +208,25 @@ def test_host_embedding_gives_the_lookup_and_the_same_training_step(tiny_llama):
     model.to(torch.float64)                                   # a parameter-wide move: not the table
     same_dtype = model.model.embed_tokens.table.dtype == table.dtype
     assert same_dtype
+
+
+def test_offload_reuses_the_pool_from_step_to_step(tiny_llama, monkeypatch):
+    # After the first step every block copy comes from a buffer the pool already holds: the steps of
+    # a run pin memory once (on a GPU each new buffer is a cudaHostRegister, milliseconds per block).
+    from qlora.checkpointing import PINNED_POOL, PinnedPool
+    model, ids = tiny_lora_llama(tiny_llama, variant="mha"), ids_of()
+    PINNED_POOL.empty()
+    made = []
+    take = PinnedPool.take
+
+    def counting_take(self, shape, dtype, pinned):
+        before = self.held
+        host = take(self, shape, dtype, pinned)
+        made.append(self.held != before)
+        return host
+    monkeypatch.setattr(PinnedPool, "take", counting_take)
+    for _ in range(3):
+        loss_and_grads(model, ids, "offload")
+    per_step = len(made) // 3
+    assert per_step == len(model.model.layers) - 1                 # every block's input but the last
+    assert all(made[:per_step]) and not any(made[per_step:])
