@@ -38,8 +38,7 @@ def scope_of(module) -> str | None:
 # product inside LoRAFunction's forward (Linear4bit.product: no module call, so no module hook);
 # shared_input_forward runs q/k/v (gate/up) adapters as one node, outside their modules' forward.
 SCOPED_FUNCTIONS = [("llama.model", "apply_rope", "rope"), ("llama.model", "apply_rope_qk", "rope"),
-                    ("llama.model", "apply_rope_fused", "rope"), ("falcon.model", "apply_rope", "rope"),
-                    ("falcon.model", "apply_rope_fused", "rope"),
+                    ("llama.model", "apply_rope_fused", "rope"),
                     ("transformers.models.llama.modeling_llama", "apply_rotary_pos_emb", "rope"),
                     ("transformers.models.falcon.modeling_falcon", "apply_rotary_pos_emb", "rope"),
                     ("qlora.lora", "_base_grad_input", "base"), ("qlora.lora", "_base_forward", "base"),

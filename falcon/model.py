@@ -31,10 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.common import use_kernel
-from kernels.rope import ROPE_DTYPES
-from llama.model import KVCache, apply_rope, apply_rope_fused, cache_inputs, rope_cos_sin, rope_inv_freq
-from qlora.attention import attend
+from llama.model import KVCache, cache_inputs, rope_and_attend, rope_cos_sin, rope_inv_freq
 from qlora.checkpointing import run_blocks
 
 
@@ -157,16 +154,8 @@ class Attention(nn.Module):
         q = qkv[:, :, :, :g].reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = qkv[:, :, :, g].transpose(1, 2)                                               # (B, nkv, T, hd)
         v = qkv[:, :, :, g + 1].transpose(1, 2)                                           # (B, nkv, T, hd)
-        if use_kernel(q, ROPE_DTYPES, cuda_only=True) and q.dtype == k.dtype == cos.dtype == sin.dtype:
-            q, k = apply_rope_fused(q, k, cos, sin)                                       # one kernel, same bits
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        if positions is not None:
-            k, v = self.kv_cache.update(positions, k, v)                                  # (B, nkv, max_len, hd)
         # Query head h reads K/V head h // g: the group order of the fused layout above (attend's GQA).
-        y = attend(q, k, v, mask)                                                          # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)                  # (B, T, nh*hd)
+        y = rope_and_attend(q, k, v, cos, sin, self.kv_cache, positions, mask)             # (B, T, nh*hd)
         return self.dense(y)
 
 

@@ -255,6 +255,23 @@ def cache_inputs(input_ids: torch.Tensor, start_pos: int | torch.Tensor | None, 
     return positions, positions, mask
 
 
+def rope_and_attend(q, k, v, cos, sin, kv_cache: "KVCache | None", positions=None, mask=None) -> torch.Tensor:
+    """The attention of a block once its heads are split (Llama's and Falcon's): RoPE on q and k, the
+    KV cache when decoding, attend, heads merged. q (B, nh, T, hd), k and v (B, nkv, T, hd) -> (B, T, nh*hd)."""
+    B, nh, T, hd = q.shape
+    if use_kernel(q, ROPE_DTYPES, cuda_only=True) and q.dtype == k.dtype == cos.dtype == sin.dtype:
+        q, k = apply_rope_fused(q, k, cos, sin)                                        # one kernel, same bits
+    else:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if positions is not None:
+        k, v = kv_cache.update(positions, k, v)                                         # (B, nkv, max_len, hd)
+    # Without a cache or packed rows the T keys are the T queries: causal. With a cache, the mask
+    # says which of the max_len cached positions each query sees; with packed rows, which keys of
+    # its own row. Grouped-query attention: each kv head serves nh / nkv query heads.
+    y = attend(q, k, v, mask)                                                           # (B, nh, T, hd)
+    return y.transpose(1, 2).reshape(B, T, nh * hd)                                     # (B, T, nh*hd)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -277,18 +294,7 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)                  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)               # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)               # (B, nkv, T, hd)
-        if use_kernel(q, ROPE_DTYPES, cuda_only=True) and q.dtype == k.dtype == cos.dtype == sin.dtype:
-            q, k = apply_rope_fused(q, k, cos, sin)                                    # one kernel, same bits
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        if positions is not None:
-            k, v = self.kv_cache.update(positions, k, v)                               # (B, nkv, max_len, hd)
-        # Without a cache or packed rows the T keys are the T queries: causal. With a cache, the mask
-        # says which of the max_len cached positions each query sees; with packed rows, which keys of
-        # its own row. Grouped-query attention: each kv head serves n_heads / n_kv_heads query heads.
-        y = attend(q, k, v, mask)                                                       # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)               # (B, T, nh*hd)
+        y = rope_and_attend(q, k, v, cos, sin, self.kv_cache, positions, mask)          # (B, T, nh*hd)
         return self.o_proj(y)
 
 
