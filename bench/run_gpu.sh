@@ -2,6 +2,7 @@
 # The GPU benchmarks in the order the device sessions ran them; each stage's JSON goes to $OUT.
 #   bash bench/run_gpu.sh kernels load        # then: decode train, then: train_step; fused: bench/fused_kernels.py
 #   bash bench/run_gpu.sh large               # issue 23 alone: one device call of ~7 min
+#   bash bench/run_gpu.sh lead | long8b | large13   # the next runs for issues 17 and 23, one device call each
 # bitsandbytes comes from the unpacked wheel in .bnb (README, Notes); the 7B-shaped random
 # checkpoint is written once to /tmp/llama2-7b-random by the first stage that needs it.
 set -uo pipefail
@@ -29,6 +30,22 @@ for stage in "$@"; do
                   --no-compile --target /tmp/site-unsloth .whl/unsloth/*.whl; then u=(--unsloth_path /tmp/site-unsloth); fi
                 PYTHONUNBUFFERED=1 timeout 570 python -m bench.large "${u[@]}" --json "$OUT/large.json" 2>&1 \
                   | grep -v "^Warning" | tee "$OUT/large.log" | tail -70 ;;
+    lead)       # issue #17: the embeddings_on_host A/B beside offload + shared, plain, Unsloth (offload) and the peer (~6 min)
+                u=(); if python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-unsloth \
+                  .whl/unsloth/*.whl 2>/dev/null; then u=(--unsloth-path /tmp/site-unsloth); fi
+                HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 540 python -m bench.train_step --no-profile "${u[@]}" \
+                  --sides ours:offload+shared,ours:offload+shared+hostemb,ours,unsloth:offload,peer \
+                  --json "$OUT/train_step_lead.json" 2>&1 | grep -v "^Warning" | tail -25 ;;
+    long8b)     # issue #17: the longest context at Llama-3-8B shapes (~8 min with the checkpoint)
+                u=(); if python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-unsloth \
+                  .whl/unsloth/*.whl 2>/dev/null; then u=(--unsloth-path /tmp/site-unsloth); fi
+                HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 570 python -m bench.long_context --shape llama3-8b \
+                  "${u[@]}" --time-cap 60 --json "$OUT/long_context_llama3.json" 2>&1 | grep -v "^Warning\|Loading" | tail -30 ;;
+    large13)    # issue 23: 13B with our offloaded checkpoints, as Unsloth's (~4.5 min)
+                u=(); if python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-unsloth \
+                  .whl/unsloth/*.whl 2>/dev/null; then u=(--unsloth_path /tmp/site-unsloth); fi
+                PYTHONUNBUFFERED=1 timeout 570 python -m bench.large --parts 13b --checkpointing offload "${u[@]}" \
+                  --json "$OUT/large13.json" 2>&1 | grep -v "^Warning" | tail -40 ;;
     train)      # the issue #6 GPU check: train.py itself, 7B shapes, micro-batch 2 x 2048, r=32 all-linear
                 timeout 300 python train.py --config configs/sql.yml --base_model /tmp/llama2-7b-random \
                   --tokenizer out/llama2-tokenizer.model --datasets builtin:sql --max_steps 10 \
