@@ -35,7 +35,7 @@ from qlora.adapter import load_adapter, save_adapter
 from qlora.atomic import check_writable_dir, clean_leftovers, write_file
 from qlora.checkpoint import (check_resume_config, find_checkpoint, list_checkpoints, load_checkpoint, rng_state,
                               save_checkpoint)
-from qlora.checkpointing import set_checkpointing
+from qlora.checkpointing import compile_blocks, set_checkpointing
 from qlora.config import TrainConfig, parse_args
 from qlora.errors import run_cli
 from qlora import progress
@@ -215,6 +215,8 @@ def main(argv=None) -> int:
         apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
     print(trainable_summary(model))
     share_dropout(model, cfg.lora_shared_dropout)
+    if cfg.torch_compile:                               # after the adapters: the compiled blocks hold them
+        print(f"torch_compile: {compile_blocks(model)} blocks compile on the first step")
     step_model = distributed.wrap(model, cfg, device)   # the model itself; under torchrun DDP, or FSDP2 shards
     if distributed.world_size() > 1:
         print("\n".join(distributed.memory_report(model, device)))

@@ -2,7 +2,7 @@
 # The GPU benchmarks in the order the device sessions ran them; each stage's JSON goes to $OUT.
 #   bash bench/run_gpu.sh kernels load        # then: decode train, then: train_step; fused: bench/fused_kernels.py
 #   bash bench/run_gpu.sh large               # issue 23 alone: one device call of ~7 min
-#   bash bench/run_gpu.sh lead | long8b | large13   # the next runs for issues 17 and 23, one device call each
+#   bash bench/run_gpu.sh lead | hostemb | long8b | large13   # the next runs for issues 17 and 23, a call each
 # bitsandbytes comes from the unpacked wheel in .bnb (README, Notes); the 7B-shaped random
 # checkpoint is written once to /tmp/llama2-7b-random by the first stage that needs it.
 set -uo pipefail
@@ -30,12 +30,13 @@ for stage in "$@"; do
                   --no-compile --target /tmp/site-unsloth .whl/unsloth/*.whl; then u=(--unsloth_path /tmp/site-unsloth); fi
                 PYTHONUNBUFFERED=1 timeout 570 python -m bench.large "${u[@]}" --json "$OUT/large.json" 2>&1 \
                   | grep -v "^Warning" | tee "$OUT/large.log" | tail -70 ;;
-    lead)       # issue #17: the embeddings_on_host A/B beside offload + shared, plain, Unsloth (offload) and the peer (~6 min)
+    lead|hostemb) # issue #17: torch_compile A/B (lead), embeddings_on_host A/B (hostemb), beside Unsloth (offload), ~6 min
                 u=(); if python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-unsloth \
                   .whl/unsloth/*.whl 2>/dev/null; then u=(--unsloth-path /tmp/site-unsloth); fi
-                HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 540 python -m bench.train_step --no-profile "${u[@]}" \
-                  --sides ours:offload+shared,ours:offload+shared+hostemb,ours,unsloth:offload,peer \
-                  --json "$OUT/train_step_lead.json" 2>&1 | grep -v "^Warning" | tail -25 ;;
+                sides=ours,ours:compile,ours:offload+shared,ours:offload+shared+compile,unsloth:offload
+                [ "$stage" = hostemb ] && sides=ours:offload+shared,ours:offload+shared+hostemb,unsloth:offload,peer
+                HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 560 python -m bench.train_step --no-profile "${u[@]}" \
+                  --sides "$sides" --json "$OUT/train_step_$stage.json" 2>&1 | grep -v "^Warning" | tail -25 ;;
     long8b)     # issue #17: the longest context at Llama-3-8B shapes (~8 min with the checkpoint)
                 u=(); if python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-unsloth \
                   .whl/unsloth/*.whl 2>/dev/null; then u=(--unsloth-path /tmp/site-unsloth); fi

@@ -13,6 +13,7 @@ full, one dropout mask per LoRA layer); after a colon, levers joined by "+" (iss
     shared     lora_shared_dropout: true (q/k/v and gate/up share one mask and one A product)
     selective  recompute: selective (keep the C-wide frozen products)   none: recompute: none
     hostemb    embeddings_on_host: true (the frozen embedding table in host memory)
+    compile    torch_compile: true (each block compiled; the warm-up steps take the compile)
 `peer` is transformers + PEFT + bitsandbytes; `unsloth` is Unsloth with use_gradient_checkpointing=True,
 `unsloth:offload` with "unsloth" (its offloaded checkpoints). Unsloth needs its wheels on the path the
 child gets (--unsloth-path, shared/docs/PEERS.md) and a tokenizer (--tokenizer; default the Llama 2
@@ -69,7 +70,7 @@ from qlora.trainer import pick_device
 
 GOAL_SPEEDUP, GOAL_MEMORY = 2.0, 0.7     # issue #8: >= 2x the peer's tokens/s in <= 0.7x its peak memory
 GOAL_UNSLOTH_SPEEDUP, GOAL_PEAK_GIB = 1.4, 4.6   # issue #17: >= 1.4x Unsloth's tokens/s, peak <= 4.6 GiB
-LEVERS = {"ours": ("offload", "shared", "selective", "none", "hostemb"), "peer": (), "unsloth": ("offload",)}
+LEVERS = {"ours": ("offload", "shared", "selective", "none", "hostemb", "compile"), "peer": (), "unsloth": ("offload",)}
 
 
 @dataclass
@@ -109,6 +110,8 @@ def parse_side(spec: str) -> tuple[str, tuple[str, ...]]:
                          f"joined by + ({', '.join(f'{n}: {list(v)}' for n, v in LEVERS.items() if v)})")
     if "none" in chosen and ("selective" in chosen or "offload" in chosen):
         raise ValueError(f"side {spec!r}: recompute none leaves nothing to offload or keep selectively")
+    if "compile" in chosen and "selective" in chosen:
+        raise ValueError(f"side {spec!r}: compiled blocks do not take recompute selective")
     return name, chosen
 
 
@@ -122,7 +125,8 @@ def ours_config(s: Settings, levers: tuple[str, ...] = ()):
                        lr_scheduler="constant", warmup_steps=0, max_grad_norm=s.max_grad_norm,
                        optimizer="paged_adamw_32bit", gradient_checkpointing="offload" if "offload" in levers else True,
                        recompute=recompute, lora_shared_dropout="shared" in levers,
-                       embeddings_on_host="hostemb" in levers, gradient_accumulation_steps=1,
+                       embeddings_on_host="hostemb" in levers, torch_compile="compile" in levers,
+                       gradient_accumulation_steps=1,
                        micro_batch_size=s.micro_batch, sequence_len=s.seq_len, seed=s.seed)
 
 
@@ -148,7 +152,7 @@ def ours_step(model, cfg, device: torch.device, dtype: torch.dtype, total_steps:
     """train.py's adapters, optimizer and step on a loaded base model -> (step(input_ids, labels) -> loss,
     info). step.optimizer and step.params are the optimizer and the trainable parameters."""
     from qlora import trainer
-    from qlora.checkpointing import set_checkpointing
+    from qlora.checkpointing import compile_blocks, set_checkpointing
     from qlora.lora import apply_lora, count_parameters, share_dropout
     from qlora.loss import causal_lm_loss
 
@@ -157,6 +161,8 @@ def ours_step(model, cfg, device: torch.device, dtype: torch.dtype, total_steps:
     torch.manual_seed(cfg.seed)
     apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, verbose=False)
     share_dropout(model, cfg.lora_shared_dropout)
+    if cfg.torch_compile:
+        compile_blocks(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = trainer.make_optimizer(params, cfg, total_steps)
     autocast, scaler = trainer.mixed_precision(device, dtype)

@@ -1,5 +1,6 @@
-"""Gradient checkpointing of a model's blocks: plain, with the block inputs offloaded to the host,
-and with a choice of what the backward pass recomputes.
+"""How a model's blocks run in training: gradient checkpointing (plain, with the block inputs
+offloaded to the host, and with a choice of what backward recomputes), compiled blocks, and the
+frozen embedding table kept on the host.
 
 QLoRA trains with gradient checkpointing (paper section 4): each block's forward runs twice, once
 keeping nothing but the block's input, and again inside backward to rebuild what the block's
@@ -16,6 +17,9 @@ Llama-2-7B at 2 x 2048 tokens, 32 x 32 MiB = 1 GiB, and at long contexts the lar
                                       rest: the recompute skips 55% of the block's base FLOPs
                                       for 40 KB per token per block (Llama-2-7B)
                             none      no recompute: as gradient_checkpointing false
+
+    torch_compile: true               each block's forward compiled (compile_blocks) for the passes
+                                      with gradients, under any of the above but selective
 
 Offloading works through saved-tensor hooks around torch.utils.checkpoint: the checkpoint saves
 its inputs as saved tensors, and an enclosing torch.autograd.graph.saved_tensors_hooks decides how
@@ -308,6 +312,27 @@ def kept_output(layer, compute):
 
 # ----------------------------------------------------------------------------- the blocks
 
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: the members of the model's ModuleLists (Llama's layers, Falcon's h)."""
+    return [b for m in model.modules() if isinstance(m, nn.ModuleList) for b in m]
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile each block's forward (torch_compile: true) -> the number of blocks. One compiled
+    region per block, as Unsloth compiles its decoder layers: the ~450 eager ops a 7B block launches
+    from Python per pass become a few fused kernels. Identical blocks share one compiled graph (their
+    weights are the graph's inputs). run_blocks uses it for passes with gradients only: decoding and
+    evaluation run the blocks as they are (their shapes change every call)."""
+    blocks = blocks_of(model)
+    for block in blocks:
+        block.compiled_forward = torch.compile(block.forward)
+    return len(blocks)
+
+
+def _training_forward(layer):
+    return getattr(layer, "compiled_forward", layer) if torch.is_grad_enabled() else layer
+
+
 def check_settings(gradient_checkpointing, recompute: str) -> None:
     if gradient_checkpointing not in CHECKPOINTING:
         raise ValueError(f"gradient_checkpointing must be true, false or offload, got {gradient_checkpointing!r}")
@@ -325,8 +350,10 @@ def run_blocks(layers, x: torch.Tensor, args: tuple, gradient_checkpointing=Fals
     check_settings(gradient_checkpointing, recompute)
     if not gradient_checkpointing or recompute == "none" or not torch.is_grad_enabled():
         for layer in layers:
-            x = layer(x, *args)
+            x = _training_forward(layer)(x, *args)
         return x
+    if recompute == "selective" and any(hasattr(layer, "compiled_forward") for layer in layers):
+        raise ValueError("recompute: selective does not work with compiled blocks (torch_compile): use recompute: full")
     offload = HostOffload(x.device) if gradient_checkpointing == "offload" else None
     last = len(layers) - 1
     for i, layer in enumerate(layers):
@@ -337,5 +364,5 @@ def run_blocks(layers, x: torch.Tensor, args: tuple, gradient_checkpointing=Fals
             kept = KeptOutputs({m for name, m in layer.named_modules() if name.rpartition(".")[2] in keep_names})
             kwargs["context_fn"] = kept.contexts
         with saving:
-            x = checkpoint(layer, x, *args, use_reentrant=False, **kwargs)
+            x = checkpoint(_training_forward(layer), x, *args, use_reentrant=False, **kwargs)
     return x

@@ -91,6 +91,8 @@ class TrainConfig:
     gradient_checkpointing: bool | str = option(False, "recompute each block's activations in backward (less "
                                                         "memory); offload: and keep each block's input in host "
                                                         "memory until its recompute (less still)")
+    torch_compile: bool = option(False, "torch.compile each block for training (axolotl's key; one region per block, "
+                                        "as Unsloth): fewer launches; the first step compiles")
     embeddings_on_host: bool = option(False, "keep a frozen embedding table that lm_head does not share in host "
                                              "memory; the lookup runs on the CPU (-0.24 GiB at 7B; a host sync "
                                              "and a CPU gather per micro-batch)")
@@ -212,6 +214,11 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         check_settings(cfg.gradient_checkpointing, cfg.recompute)
     except ValueError as e:
         bad(str(e))
+    if cfg.torch_compile and cfg.recompute == "selective":
+        bad("torch_compile: true with recompute: selective is not supported (its kept products are Python state "
+            "the compiled block does not see): use recompute: full or none")
+    if cfg.torch_compile and cfg.distributed == "fsdp":
+        bad("torch_compile: true with distributed: fsdp is not supported yet: use distributed: ddp, or no torch_compile")
     if cfg.lora_target_linear and cfg.lora_target_modules:
         bad("lora_target_linear: true and lora_target_modules both set: choose one")
     if not cfg.lora_target_linear and not cfg.lora_target_modules:

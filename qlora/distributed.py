@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from qlora.checkpointing import blocks_of
 from qlora.linear4bit import QUANT_CHUNK_NUMEL, Linear4bit
 from qlora.nf4 import QuantState, double_quantize, nf4_code
 
@@ -292,7 +293,7 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     for layer in layers:
         _shardable(layer)
     mesh = init_device_mesh(device.type, (world_size(),))
-    for block in [b for m in model.modules() if isinstance(m, nn.ModuleList) for b in m]:
+    for block in blocks_of(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)      # the root: embeddings, final norm, lm_head (kept whole from forward to backward)
     for module in model.modules():

@@ -230,3 +230,43 @@ def test_offload_reuses_the_pool_from_step_to_step(tiny_llama, monkeypatch):
     per_step = len(made) // 3
     assert per_step == len(model.model.layers) - 1                 # every block's input but the last
     assert all(made[:per_step]) and not any(made[per_step:])
+
+
+def test_compiled_blocks_give_the_eager_step(tiny_llama, monkeypatch):
+    # torch_compile: true compiles each block (qlora.checkpointing.compile_blocks): the loss and every
+    # LoRA gradient of the eager step, plain and with offloaded checkpoints, with no graph break, and
+    # the blocks share their compiled graphs (one per setting, not one per block).
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+    from qlora.checkpointing import compile_blocks
+    import kernels.common
+    monkeypatch.setattr(inductor_config, "fallback_random", True)     # compiled dropout draws eager's masks
+    # Under TRITON_INTERPRET the Triton kernels are interpreted Python, which dynamo cannot trace (a
+    # graph break per call): this test compiles the PyTorch path; the GPU runs compile the kernels.
+    monkeypatch.setattr(kernels.common, "KERNELS", "0")
+    model, ids = tiny_lora_llama(tiny_llama, variant="gqa"), ids_of()
+    settings = (False, "offload")
+    eager = {s: loss_and_grads(model, ids, s) for s in settings}
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_blocks(model) == len(model.model.layers) >= 2
+    for s in settings:
+        loss, grads = eager[s]
+        other_loss, other = loss_and_grads(model, ids, s)
+        torch.testing.assert_close(other_loss, loss, rtol=1e-5, atol=1e-6)
+        for name, g in grads.items():
+            torch.testing.assert_close(other[name], g, rtol=1e-4, atol=1e-6, msg=f"{s} {name}")
+    breaks, graphs = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+    assert not breaks and graphs <= len(settings), (breaks, graphs)
+    with torch.no_grad():                                               # evaluation runs the blocks eagerly
+        model(ids)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_config_reads_torch_compile_and_refuses_what_it_cannot_do():
+    assert from_dict({"torch_compile": True}).torch_compile is True
+    with pytest.raises(ValueError, match="torch_compile: true with recompute: selective"):
+        from_dict({"torch_compile": True, "gradient_checkpointing": True, "recompute": "selective"})
+    with pytest.raises(ValueError, match="torch_compile: true with distributed: fsdp"):
+        from_dict({"torch_compile": True, "distributed": "fsdp"})
