@@ -93,6 +93,7 @@ class Run:
     steps: int = 2
     checkpoint: str = ""                       # load this checkpoint; "": random_quantized_llama
     checkpointing: str = "true"                # gradient_checkpointing: true or offload
+    torch_compile: bool = False                # our blocks compiled (the warm-up steps take the compile)
     budget: float | None = None                # bytes of device memory; 0: auto (see the top); None: no budget run
     unsloth_checkpointing: str = "unsloth"     # Unsloth's use_gradient_checkpointing: unsloth (offloads) or true
     tokenizer: str = ""                        # for Unsloth, which loads one with the model
@@ -104,9 +105,10 @@ class Run:
         return (TINY_SHAPES if self.tiny else SHAPES)[self.shape]
 
 
-def plan(parts: list[str], tiny: bool, checkpointing: str, unsloth_checkpointing: str, tokenizer: str) -> list[Run]:
+def plan(parts: list[str], tiny: bool, checkpointing: str, unsloth_checkpointing: str, tokenizer: str,
+         torch_compile: bool = False) -> list[Run]:
     """The runs of each part, in the order given. Time limits from the H200 estimates in the report."""
-    common = dict(tiny=tiny, checkpointing=checkpointing)
+    common = dict(tiny=tiny, checkpointing=checkpointing, torch_compile=torch_compile)
     if tiny:
         common.update(micro_batches=[[1, 64], [4, 16]], warmup=1, steps=2)
     runs = []
@@ -138,7 +140,7 @@ def train_config(run: Run):
                           lora_alpha=run.lora_alpha, lora_dropout=run.lora_dropout, learning_rate=run.learning_rate,
                           weight_decay=0.0, lr_scheduler="constant", warmup_steps=0, max_grad_norm=run.max_grad_norm,
                           optimizer="paged_adamw_32bit", gradient_checkpointing=run.checkpointing,
-                          gradient_accumulation_steps=1, micro_batch_size=run.micro_batches[0][0],
+                          torch_compile=run.torch_compile, gradient_accumulation_steps=1, micro_batch_size=run.micro_batches[0][0],
                           sequence_len=max(t for _, t in run.micro_batches), seed=run.seed))
 
 
@@ -410,7 +412,8 @@ def run_all(runs: list[Run], device: str, out: Path, unsloth_path: str | None, k
                 env = {**os.environ, "HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1",
                        "PYTHONPATH": os.pathsep.join([unsloth_path, *filter(None, [os.environ.get("PYTHONPATH")])])}
             results[run.name] = run_side_subprocess("bench.large", run.name, ["--spec", json.dumps(asdict(run)),
-                                                                               "--device", device], env, run.timeout)
+                                                                               "--device", device], env,
+                                                 run.timeout + (180 if run.torch_compile and run.side == "ours" else 0))
         write_text(out, json.dumps({"results": results}, indent=2))
         if run.side == "unsloth" or (run.side == "peer" and not any(r.side == "unsloth" for r in runs)):
             if not keep_checkpoint and run.checkpoint and Path(run.checkpoint).is_dir():
@@ -501,6 +504,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     parser.add_argument("--checkpointing", default="true", choices=["true", "offload"],
                         help="gradient_checkpointing of our side (offload: issue 17's block inputs in host memory)")
+    parser.add_argument("--torch_compile", action="store_true", help="compile our blocks (torch_compile: true)")
     parser.add_argument("--unsloth_path", help="where Unsloth was pip-installed with --target (its side only)")
     parser.add_argument("--unsloth_checkpointing", default="unsloth", choices=["unsloth", "true"],
                         help="Unsloth's use_gradient_checkpointing (unsloth: offloaded to the host, its default)")
@@ -525,7 +529,8 @@ def main(argv=None) -> int:
     # The parent starts no CUDA context of its own until the end: each child's context and memory are its own.
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     tokenizer = args.tokenizer or next((str(p) for p in TOKENIZER_PLACES if p.is_file()), "")
-    runs = plan(args.parts.split(","), args.tiny, args.checkpointing, args.unsloth_checkpointing, tokenizer)
+    runs = plan(args.parts.split(","), args.tiny, args.checkpointing, args.unsloth_checkpointing, tokenizer,
+                args.torch_compile)
     try:
         train_config(runs[0])
     except ValueError as e:

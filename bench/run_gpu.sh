@@ -42,10 +42,10 @@ for stage in "$@"; do
                   .whl/unsloth/*.whl 2>/dev/null; then u=(--unsloth-path /tmp/site-unsloth); fi
                 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 570 python -m bench.long_context --shape llama3-8b \
                   "${u[@]}" --time-cap 60 --json "$OUT/long_context_llama3.json" 2>&1 | grep -v "^Warning\|Loading" | tail -30 ;;
-    large13)    # issue 23: 13B with our offloaded checkpoints, as Unsloth's (~4.5 min)
+    large13)    # issue 23: 13B with our offloaded checkpoints (as Unsloth's) and compiled blocks (~7 min)
                 u=(); if python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-unsloth \
                   .whl/unsloth/*.whl 2>/dev/null; then u=(--unsloth_path /tmp/site-unsloth); fi
-                PYTHONUNBUFFERED=1 timeout 570 python -m bench.large --parts 13b --checkpointing offload "${u[@]}" \
+                PYTHONUNBUFFERED=1 timeout 590 python -m bench.large --parts 13b --checkpointing offload --torch_compile "${u[@]}" \
                   --json "$OUT/large13.json" 2>&1 | grep -v "^Warning" | tail -40 ;;
     train)      # the issue #6 GPU check: train.py itself, 7B shapes, micro-batch 2 x 2048, r=32 all-linear
                 timeout 300 python train.py --config configs/sql.yml --base_model /tmp/llama2-7b-random \
