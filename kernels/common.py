@@ -26,6 +26,7 @@ INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 #          CPU interpreter they would slow every model test, so the tests that check them set "1"
 #   "1":   every kernel wherever Triton runs
 #   "0":   no kernel: the PyTorch reference everywhere
+# Whatever the setting, code compiled by torch.compile takes the references (use_kernel says why).
 # Set it with set_kernels(); its default comes from the environment variable QLORA_FUSED_KERNELS.
 KERNEL_SETTINGS = ("auto", "1", "0")
 
@@ -49,6 +50,10 @@ def set_kernels(setting: str) -> None:
 def use_kernel(x: torch.Tensor, dtypes: tuple, cuda_only: bool = False) -> bool:
     """Whether a kernel that takes x's dtype among `dtypes` runs on x, by the switch (above)."""
     if x.dtype not in dtypes or KERNELS == "0":
+        return False
+    if torch.compiler.is_compiling():
+        # Inside torch.compile (torch_compile: true) the reference ops are traced instead: inductor
+        # writes its own fused kernels for them, and it could not trace the CPU interpreter anyway.
         return False
     if x.is_cuda:
         return True
