@@ -232,7 +232,7 @@ def test_offload_reuses_the_pool_from_step_to_step(tiny_llama, monkeypatch):
     assert all(made[:per_step]) and not any(made[per_step:])
 
 
-def test_compiled_blocks_give_the_eager_step(tiny_llama, monkeypatch):
+def test_compiled_blocks_give_the_eager_step(tiny_llama):
     # torch_compile: true compiles each block (qlora.checkpointing.compile_blocks): the loss and every
     # LoRA gradient of the eager step, plain and with offloaded checkpoints, with no graph break, and
     # the blocks share their compiled graphs (one per setting, not one per block).
@@ -240,7 +240,6 @@ def test_compiled_blocks_give_the_eager_step(tiny_llama, monkeypatch):
     import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
     from qlora.checkpointing import compile_blocks
-    monkeypatch.setattr(inductor_config, "fallback_random", True)     # compiled dropout draws eager's masks
     # The compiled blocks trace the PyTorch references of the Triton kernels (kernels.common.use_kernel),
     # the eager step runs the kernels where they run (here: the interpreter): equal to rounding.
     model, ids = tiny_lora_llama(tiny_llama, variant="gqa"), ids_of()
@@ -249,12 +248,13 @@ def test_compiled_blocks_give_the_eager_step(tiny_llama, monkeypatch):
     torch._dynamo.reset()
     counters.clear()
     assert compile_blocks(model) == len(model.model.layers) >= 2
-    for s in settings:
-        loss, grads = eager[s]
-        other_loss, other = loss_and_grads(model, ids, s)
-        torch.testing.assert_close(other_loss, loss, rtol=1e-5, atol=1e-6)
-        for name, g in grads.items():
-            torch.testing.assert_close(other[name], g, rtol=1e-4, atol=1e-6, msg=f"{s} {name}")
+    with inductor_config.patch(fallback_random=True):                  # compiled dropout draws eager's masks
+        for s in settings:
+            loss, grads = eager[s]
+            other_loss, other = loss_and_grads(model, ids, s)
+            torch.testing.assert_close(other_loss, loss, rtol=1e-5, atol=1e-6)
+            for name, g in grads.items():
+                torch.testing.assert_close(other[name], g, rtol=1e-4, atol=1e-6, msg=f"{s} {name}")
     breaks, graphs = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
     assert not breaks and graphs <= len(settings), (breaks, graphs)
     with torch.no_grad():                                               # evaluation runs the blocks eagerly
@@ -268,3 +268,20 @@ def test_config_reads_torch_compile_and_refuses_what_it_cannot_do():
         from_dict({"torch_compile": True, "gradient_checkpointing": True, "recompute": "selective"})
     with pytest.raises(ValueError, match="torch_compile: true with distributed: fsdp"):
         from_dict({"torch_compile": True, "distributed": "fsdp"})
+
+
+def test_compiled_dropout_draws_the_same_masks_in_the_recompute(tiny_llama):
+    # With inductor's own random numbers (not eager's), checkpointing's recompute must still draw the
+    # masks of the forward pass (it restores the RNG state first): the same loss and gradients with
+    # checkpoints (plain and offloaded) as without.
+    import torch._dynamo
+    from qlora.checkpointing import compile_blocks
+    model, ids = tiny_lora_llama(tiny_llama, variant="gqa"), ids_of()
+    torch._dynamo.reset()
+    compile_blocks(model)
+    loss, grads = loss_and_grads(model, ids, False)
+    for s in (True, "offload"):
+        other_loss, other = loss_and_grads(model, ids, s)
+        assert torch.equal(other_loss, loss), s
+        for name, g in grads.items():
+            assert torch.equal(other[name], g), (s, name)
