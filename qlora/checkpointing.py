@@ -136,7 +136,6 @@ def _copy_stream(device: torch.device):
     return _STREAMS[key]
 
 
-
 class PinnedPool:
     """Pinned host buffers for the offloaded block inputs, of exact sizes, reused from step to step.
 
@@ -208,7 +207,7 @@ PINNED_POOL = PinnedPool()                               # one per process: all 
 # ----------------------------------------------------------------------------- the embedding table on the host
 
 class HostEmbedding(nn.Module):
-    """A frozen embedding table kept in host memory: the lookup runs on the CPU and only the rows
+    """embeddings_on_host: true. A frozen embedding table kept in host memory: the lookup runs on the CPU and only the rows
     looked up, (B, T, C), go to the GPU (32 MiB per micro-batch of 2 x 2048 at 7B, where the table is
     250 MiB that would stay on the GPU all the time).
 
@@ -224,8 +223,8 @@ class HostEmbedding(nn.Module):
         C = self.table.shape[1]
         cuda = self.device.type == "cuda"
         if cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the embedding table is on the host (gradient_checkpointing: offload), which a CUDA "
-                               "graph cannot capture: decode with cuda_graph=False, or load the model without offload")
+            raise RuntimeError("the embedding table is on the host (embeddings_on_host: true), which a CUDA graph "
+                               "cannot capture: decode with cuda_graph=False, or load the model without it")
         rows = torch.empty((ids.numel(), C), dtype=self.table.dtype, pin_memory=cuda)   # (B*T, C)
         # ids.cpu() waits for the GPU: the ids are ready long before (the first op of a step).
         torch.index_select(self.table, 0, ids.reshape(-1).cpu(), out=rows)
