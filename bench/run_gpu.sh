@@ -2,7 +2,7 @@
 # The GPU benchmarks in the order the device sessions ran them; each stage's JSON goes to $OUT.
 #   bash bench/run_gpu.sh kernels load        # then: decode train, then: train_step; fused: bench/fused_kernels.py
 #   bash bench/run_gpu.sh large               # issue 23 alone: one device call of ~7 min
-#   bash bench/run_gpu.sh lead | hostemb | long8b | large13   # the next runs for issues 17 and 23, a call each
+#   bash bench/run_gpu.sh lead | hostemb | long8b | long7b | large13   # next runs for issues 17 and 23, a call each
 # bitsandbytes comes from the unpacked wheel in .bnb (README, Notes); the 7B-shaped random
 # checkpoint is written once to /tmp/llama2-7b-random by the first stage that needs it.
 set -uo pipefail
@@ -41,7 +41,14 @@ for stage in "$@"; do
                 u=(); if python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-unsloth \
                   .whl/unsloth/*.whl 2>/dev/null; then u=(--unsloth-path /tmp/site-unsloth); fi
                 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 570 python -m bench.long_context --shape llama3-8b \
-                  "${u[@]}" --time-cap 60 --json "$OUT/long_context_llama3.json" 2>&1 | grep -v "^Warning\|Loading" | tail -30 ;;
+                  "${u[@]}" --sides ours:offload+shared,unsloth:offload --start 65536 --granularity 16384 \
+                  --time-cap 170 --json "$OUT/long_context_llama3.json" 2>&1 | grep -v "^Warning\|Loading" | tail -30 ;;
+    long7b)     # issue #17: Unsloth's own limit at Llama-2-7B shapes (its 45 s search stopped at 131,072), ~6 min
+                u=(); if python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-unsloth \
+                  .whl/unsloth/*.whl 2>/dev/null; then u=(--unsloth-path /tmp/site-unsloth); fi
+                HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 570 python -m bench.long_context --shape llama2-7b \
+                  "${u[@]}" --sides unsloth:offload --start 131072 --granularity 16384 --time-cap 360 \
+                  --json "$OUT/long_context_llama2_unsloth.json" 2>&1 | grep -v "^Warning\|Loading" | tail -20 ;;
     large13)    # issue 23: 13B with our offloaded checkpoints (as Unsloth's) and compiled blocks (~7 min)
                 u=(); if python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-unsloth \
                   .whl/unsloth/*.whl 2>/dev/null; then u=(--unsloth_path /tmp/site-unsloth); fi
