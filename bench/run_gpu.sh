@@ -10,6 +10,12 @@ export PYTHONPATH=$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-out/bench}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 python -c "import torch, triton, bitsandbytes, transformers, peft, sentencepiece, yaml; print('torch', torch.__version__, 'triton', triton.__version__, 'bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+# Unsloth from the carried wheels (.whl/unsloth) into /tmp/site-unsloth -> "<flag> /tmp/site-unsloth", or
+# nothing when the wheels are not there (the benches then skip its side). The flag is the bench's spelling.
+unsloth_flag() {
+  ls .whl/unsloth/*.whl >/dev/null 2>&1 && python -m pip install -q --no-index --no-deps --no-compile \
+    --target /tmp/site-unsloth .whl/unsloth/*.whl 2>/dev/null && echo "$1 /tmp/site-unsloth"
+}
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
@@ -26,32 +32,27 @@ for stage in "$@"; do
     falcon)     timeout 540 python -m bench.falcon_step --json "$OUT/falcon_step.json" 2>&1 | grep -v "^Warning" | tail -40 ;;
     large)      # issue 23: 70B, 34B, 13B shapes (~7 min); Unsloth from the carried .whl/unsloth when it is there,
                 # its tokenizer from .gpu-data/; the 13B checkpoint (26 GB in /tmp) is removed at the end
-                u=(); if ls .whl/unsloth/*.whl >/dev/null 2>&1 && python -m pip install -q --no-index --no-deps \
-                  --no-compile --target /tmp/site-unsloth .whl/unsloth/*.whl; then u=(--unsloth_path /tmp/site-unsloth); fi
+                u=($(unsloth_flag --unsloth_path))
                 PYTHONUNBUFFERED=1 timeout 570 python -m bench.large "${u[@]}" --json "$OUT/large.json" 2>&1 \
                   | grep -v "^Warning" | tee "$OUT/large.log" | tail -70 ;;
     lead|hostemb) # issue #17: torch_compile A/B (lead), embeddings_on_host A/B (hostemb), beside Unsloth (offload), ~6 min
-                u=(); if python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-unsloth \
-                  .whl/unsloth/*.whl 2>/dev/null; then u=(--unsloth-path /tmp/site-unsloth); fi
+                u=($(unsloth_flag --unsloth-path))
                 sides=ours,ours:compile,ours:offload+shared,ours:offload+shared+compile,unsloth:offload
                 [ "$stage" = hostemb ] && sides=ours:offload+shared,ours:offload+shared+hostemb,unsloth:offload,peer
                 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 560 python -m bench.train_step --no-profile "${u[@]}" \
                   --sides "$sides" --json "$OUT/train_step_$stage.json" 2>&1 | grep -v "^Warning" | tail -25 ;;
     long8b)     # issue #17: the longest context at Llama-3-8B shapes (~8 min with the checkpoint)
-                u=(); if python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-unsloth \
-                  .whl/unsloth/*.whl 2>/dev/null; then u=(--unsloth-path /tmp/site-unsloth); fi
+                u=($(unsloth_flag --unsloth-path))
                 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 570 python -m bench.long_context --shape llama3-8b \
                   "${u[@]}" --sides ours:offload+shared,unsloth:offload --start 65536 --granularity 16384 \
                   --time-cap 170 --json "$OUT/long_context_llama3.json" 2>&1 | grep -v "^Warning\|Loading" | tail -30 ;;
     long7b)     # issue #17: Unsloth's own limit at Llama-2-7B shapes (its 45 s search stopped at 131,072), ~6 min
-                u=(); if python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-unsloth \
-                  .whl/unsloth/*.whl 2>/dev/null; then u=(--unsloth-path /tmp/site-unsloth); fi
+                u=($(unsloth_flag --unsloth-path))
                 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 570 python -m bench.long_context --shape llama2-7b \
                   "${u[@]}" --sides unsloth:offload --start 131072 --granularity 16384 --time-cap 360 \
                   --json "$OUT/long_context_llama2_unsloth.json" 2>&1 | grep -v "^Warning\|Loading" | tail -20 ;;
     large13)    # issue 23: 13B with our offloaded checkpoints (as Unsloth's) and compiled blocks (~7 min)
-                u=(); if python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-unsloth \
-                  .whl/unsloth/*.whl 2>/dev/null; then u=(--unsloth_path /tmp/site-unsloth); fi
+                u=($(unsloth_flag --unsloth_path))
                 PYTHONUNBUFFERED=1 timeout 590 python -m bench.large --parts 13b --checkpointing offload --torch_compile "${u[@]}" \
                   --json "$OUT/large13.json" 2>&1 | grep -v "^Warning" | tail -40 ;;
     train)      # the issue #6 GPU check: train.py itself, 7B shapes, micro-batch 2 x 2048, r=32 all-linear

@@ -234,18 +234,15 @@ class HostEmbedding(nn.Module):
         destination[prefix + "weight"] = self.table
 
 
-def embeddings_to_host(model: nn.Module) -> int:
+def embeddings_to_host(model: nn.Module) -> None:
     """Replace each frozen nn.Embedding on a GPU whose table lm_head does not share (tied tables,
-    e.g. Falcon's, stay) by a HostEmbedding -> the GPU bytes freed."""
+    e.g. Falcon's, stay) by a HostEmbedding."""
     head = getattr(getattr(model, "lm_head", None), "weight", None)
-    freed = 0
     for name, m in list(model.named_modules()):
         if (isinstance(m, nn.Embedding) and m.weight.device.type == "cuda" and not m.weight.requires_grad
                 and m.weight is not head):
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, HostEmbedding(m.weight))
-            freed += m.weight.numel() * m.weight.element_size()
-    return freed
 
 
 def set_checkpointing(model: nn.Module, gradient_checkpointing, recompute: str = "full",
