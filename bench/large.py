@@ -510,6 +510,7 @@ def main(argv=None) -> int:
                         help="Unsloth's use_gradient_checkpointing (unsloth: offloaded to the host, its default)")
     parser.add_argument("--tokenizer", help="llama2-tokenizer.model for Unsloth (default: the one in .gpu-data/ "
                                             "or ../shared/data/)")
+    parser.add_argument("--without", default="", help="comma-separated sides to leave out: peer, unsloth")
     parser.add_argument("--keep_checkpoint", action="store_true", help="keep the 13B checkpoint (default: removed)")
     parser.add_argument("--json", help="write the results here (default out/bench/large.json)")
     parser.add_argument("--show", metavar="JSON", help="print the tables of an earlier run's JSON and exit")
@@ -531,6 +532,7 @@ def main(argv=None) -> int:
     tokenizer = args.tokenizer or next((str(p) for p in TOKENIZER_PLACES if p.is_file()), "")
     runs = plan(args.parts.split(","), args.tiny, args.checkpointing, args.unsloth_checkpointing, tokenizer,
                 args.torch_compile)
+    runs = [r for r in runs if r.side not in args.without.split(",")]
     try:
         train_config(runs[0])
     except ValueError as e:

@@ -67,7 +67,10 @@ def record_peak(step, device: torch.device, top: int = 15) -> dict:
     """Run step() once under the allocator's memory history -> peak_breakdown of it."""
     torch.cuda.synchronize(device)
     baseline = torch.cuda.memory_allocated(device)
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    # context="alloc": stacks for allocations only (the replay needs no free's stack). With the
+    # default "all", torch 2.11 failed inside a checkpointed cross_entropy's recompute (SystemError:
+    # cross_entropy_loss returned NULL), which left our sides without this table.
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, context="alloc", stacks="python")
     try:
         step()
         torch.cuda.synchronize(device)

@@ -37,7 +37,7 @@ for stage in "$@"; do
                   | grep -v "^Warning" | tee "$OUT/large.log" | tail -70 ;;
     lead|hostemb) # issue #17: torch_compile A/B (lead), embeddings_on_host A/B (hostemb), beside Unsloth (offload), ~6 min
                 u=($(unsloth_flag --unsloth-path))
-                sides=ours,ours:compile,ours:offload+shared,ours:offload+shared+compile,unsloth:offload
+                sides=ours:offload+shared,ours:offload+shared+compile,ours:compile,unsloth:offload
                 [ "$stage" = hostemb ] && sides=ours:offload+shared,ours:offload+shared+hostemb,unsloth:offload,peer
                 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 560 python -m bench.train_step --no-profile "${u[@]}" \
                   --sides "$sides" --json "$OUT/train_step_$stage.json" 2>&1 | grep -v "^Warning" | tail -25 ;;
@@ -53,7 +53,7 @@ for stage in "$@"; do
                   --json "$OUT/long_context_llama2_unsloth.json" 2>&1 | grep -v "^Warning\|Loading" | tail -20 ;;
     large13)    # issue 23: 13B with our offloaded checkpoints (as Unsloth's) and compiled blocks (~7 min)
                 u=($(unsloth_flag --unsloth_path))
-                PYTHONUNBUFFERED=1 timeout 590 python -m bench.large --parts 13b --checkpointing offload --torch_compile "${u[@]}" \
+                PYTHONUNBUFFERED=1 timeout 590 python -m bench.large --parts 13b --checkpointing offload --torch_compile ${WITHOUT:+--without $WITHOUT} "${u[@]}" \
                   --json "$OUT/large13.json" 2>&1 | grep -v "^Warning" | tail -40 ;;
     train)      # the issue #6 GPU check: train.py itself, 7B shapes, micro-batch 2 x 2048, r=32 all-linear
                 timeout 300 python train.py --config configs/sql.yml --base_model /tmp/llama2-7b-random \
