@@ -94,6 +94,8 @@ class Run:
     checkpoint: str = ""                       # load this checkpoint; "": random_quantized_llama
     checkpointing: str = "true"                # gradient_checkpointing: true or offload
     torch_compile: bool = False                # our blocks compiled (the warm-up steps take the compile)
+    embeddings_on_host: bool = False           # our embedding table in host memory (embeddings_on_host: true)
+    lora_shared_dropout: bool = False          # q/k/v and gate/up share one dropout mask and A product
     budget: float | None = None                # bytes of device memory; 0: auto (see the top); None: no budget run
     unsloth_checkpointing: str = "unsloth"     # Unsloth's use_gradient_checkpointing: unsloth (offloads) or true
     tokenizer: str = ""                        # for Unsloth, which loads one with the model
@@ -106,9 +108,10 @@ class Run:
 
 
 def plan(parts: list[str], tiny: bool, checkpointing: str, unsloth_checkpointing: str, tokenizer: str,
-         torch_compile: bool = False) -> list[Run]:
+         torch_compile: bool = False, embeddings_on_host: bool = False, lora_shared_dropout: bool = False) -> list[Run]:
     """The runs of each part, in the order given. Time limits from the H200 estimates in the report."""
-    common = dict(tiny=tiny, checkpointing=checkpointing, torch_compile=torch_compile)
+    common = dict(tiny=tiny, checkpointing=checkpointing, torch_compile=torch_compile,
+                  embeddings_on_host=embeddings_on_host, lora_shared_dropout=lora_shared_dropout)
     if tiny:
         common.update(micro_batches=[[1, 64], [4, 16]], warmup=1, steps=2)
     runs = []
@@ -140,7 +143,8 @@ def train_config(run: Run):
                           lora_alpha=run.lora_alpha, lora_dropout=run.lora_dropout, learning_rate=run.learning_rate,
                           weight_decay=0.0, lr_scheduler="constant", warmup_steps=0, max_grad_norm=run.max_grad_norm,
                           optimizer="paged_adamw_32bit", gradient_checkpointing=run.checkpointing,
-                          torch_compile=run.torch_compile, gradient_accumulation_steps=1, micro_batch_size=run.micro_batches[0][0],
+                          torch_compile=run.torch_compile, embeddings_on_host=run.embeddings_on_host,
+                          lora_shared_dropout=run.lora_shared_dropout, gradient_accumulation_steps=1, micro_batch_size=run.micro_batches[0][0],
                           sequence_len=max(t for _, t in run.micro_batches), seed=run.seed))
 
 
@@ -505,6 +509,9 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpointing", default="true", choices=["true", "offload"],
                         help="gradient_checkpointing of our side (offload: issue 17's block inputs in host memory)")
     parser.add_argument("--torch_compile", action="store_true", help="compile our blocks (torch_compile: true)")
+    parser.add_argument("--embeddings_on_host", action="store_true", help="our embedding table in host memory")
+    parser.add_argument("--lora_shared_dropout", action="store_true", help="one dropout mask and A product for "
+                        "q/k/v and for gate/up (lora_shared_dropout: true)")
     parser.add_argument("--unsloth_path", help="where Unsloth was pip-installed with --target (its side only)")
     parser.add_argument("--unsloth_checkpointing", default="unsloth", choices=["unsloth", "true"],
                         help="Unsloth's use_gradient_checkpointing (unsloth: offloaded to the host, its default)")
@@ -531,7 +538,7 @@ def main(argv=None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     tokenizer = args.tokenizer or next((str(p) for p in TOKENIZER_PLACES if p.is_file()), "")
     runs = plan(args.parts.split(","), args.tiny, args.checkpointing, args.unsloth_checkpointing, tokenizer,
-                args.torch_compile)
+                args.torch_compile, args.embeddings_on_host, args.lora_shared_dropout)
     runs = [r for r in runs if r.side not in args.without.split(",")]
     try:
         train_config(runs[0])

@@ -2,7 +2,7 @@
 # The GPU benchmarks in the order the device sessions ran them; each stage's JSON goes to $OUT.
 #   bash bench/run_gpu.sh kernels load        # then: decode train, then: train_step; fused: bench/fused_kernels.py
 #   bash bench/run_gpu.sh large               # issue 23 alone: one device call of ~7 min
-#   bash bench/run_gpu.sh lead | hostemb | long8b | long7b | large13   # next runs for issues 17 and 23, a call each
+#   bash bench/run_gpu.sh lead | profile | hostemb | long8b | long7b | large13   # issues 17 and 23, a call each
 # bitsandbytes comes from the unpacked wheel in .bnb (README, Notes); the 7B-shaped random
 # checkpoint is written once to /tmp/llama2-7b-random by the first stage that needs it.
 set -uo pipefail
@@ -41,6 +41,10 @@ for stage in "$@"; do
                 [ "$stage" = hostemb ] && sides=ours:offload+shared,ours:offload+shared+hostemb,unsloth:offload,peer
                 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 560 python -m bench.train_step --no-profile "${u[@]}" \
                   --sides "$sides" --json "$OUT/train_step_$stage.json" 2>&1 | grep -v "^Warning" | tail -25 ;;
+    profile)    # issue #17: where the compiled step's time goes, and what embeddings_on_host costs (~4 min)
+                HF_HUB_OFFLINE=1 timeout 560 python -m bench.train_step --sides \
+                  ours:offload+shared+compile,ours:offload+shared+hostemb+compile --json "$OUT/train_step_profile.json" \
+                  2>&1 | grep -v "^Warning" | tail -60 ;;
     long8b)     # issue #17: the longest context at Llama-3-8B shapes (~8 min with the checkpoint)
                 u=($(unsloth_flag --unsloth-path))
                 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 570 python -m bench.long_context --shape llama3-8b \
@@ -51,9 +55,11 @@ for stage in "$@"; do
                 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 570 python -m bench.long_context --shape llama2-7b \
                   "${u[@]}" --sides unsloth:offload --start 131072 --granularity 16384 --time-cap 360 \
                   --json "$OUT/long_context_llama2_unsloth.json" 2>&1 | grep -v "^Warning\|Loading" | tail -20 ;;
-    large13)    # issue 23: 13B with our offloaded checkpoints (as Unsloth's) and compiled blocks (~7 min)
+    large13)    # issue 23: 13B with our offloaded checkpoints (as Unsloth's), compiled blocks, shared dropout and
+                # the embedding table on the host (~6 min; WITHOUT=peer leaves the peer out)
                 u=($(unsloth_flag --unsloth_path))
-                PYTHONUNBUFFERED=1 timeout 590 python -m bench.large --parts 13b --checkpointing offload --torch_compile ${WITHOUT:+--without $WITHOUT} "${u[@]}" \
+                PYTHONUNBUFFERED=1 timeout 590 python -m bench.large --parts 13b --checkpointing offload --torch_compile \
+                  --lora_shared_dropout --embeddings_on_host ${WITHOUT:+--without $WITHOUT} "${u[@]}" \
                   --json "$OUT/large13.json" 2>&1 | grep -v "^Warning" | tail -40 ;;
     train)      # the issue #6 GPU check: train.py itself, 7B shapes, micro-batch 2 x 2048, r=32 all-linear
                 timeout 300 python train.py --config configs/sql.yml --base_model /tmp/llama2-7b-random \
