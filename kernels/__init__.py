@@ -1,5 +1,6 @@
 """Triton kernels for NF4 weights (dequantization, the decode GEMV, the training-path matmul) and the
-fused RMSNorm, RoPE and SwiGLU of the Llama block, and the LoRA input gradient through dropout."""
+fused RMSNorm, RoPE and SwiGLU of the Llama block, the LoRA input gradient through dropout, and the
+embedding lookup from a table in pinned host memory (kernels/embedding.py)."""
 
 from kernels.dequant import KERNEL_DTYPES, dequantize_nf4_triton
 from kernels.gemv import MAX_ROWS, gemv_nf4, gemv_supported

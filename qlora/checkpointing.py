@@ -37,6 +37,9 @@ import torch._functorch.config as functorch_config
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from kernels.common import use_kernel
+from kernels.embedding import gather_rows
+
 CHECKPOINTING = (False, True, "offload")
 RECOMPUTE = ("full", "selective", "none")
 
@@ -137,6 +140,19 @@ def _copy_stream(device: torch.device):
     return _STREAMS[key]
 
 
+def pinned_buffer(nbytes: int, error: str) -> torch.Tensor:
+    """A flat uint8 host buffer of exactly nbytes, page-locked with cudaHostRegister (buf.pinned = True).
+    Under unified virtual addressing it is mapped into every GPU's address space: DMA copies run from
+    it, and kernels can read it directly (kernels/embedding.py). `error` names the setting, with {}
+    for the size and the CUDA error: pinned memory is locked RAM, and it can run out."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
+    if int(err) != 0:
+        raise torch.OutOfMemoryError(error.format(f"{nbytes / 2**20:.0f} MiB", f"CUDA error {int(err)}"))
+    buf.pinned = True
+    return buf
+
+
 class PinnedPool:
     """Pinned host buffers for the offloaded block inputs, of exact sizes, reused from step to step.
 
@@ -178,14 +194,8 @@ class PinnedPool:
         self.free.append(buf)
 
     def _pin(self, nbytes: int) -> torch.Tensor:
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
-        if int(err) != 0:                                # pinned memory is locked RAM: it can run out
-            raise torch.OutOfMemoryError(
-                f"gradient_checkpointing: offload could not pin {nbytes / 2**20:.0f} MiB of host memory for a "
-                f"block input (CUDA error {int(err)}): use gradient_checkpointing: true, or shorter sequences")
-        buf.pinned = True
-        return buf
+        return pinned_buffer(nbytes, "gradient_checkpointing: offload could not pin {} of host memory for a "
+                             "block input ({}): use gradient_checkpointing: true, or shorter sequences")
 
     def _release(self, buf: torch.Tensor) -> None:
         if getattr(buf, "pinned", False):
@@ -208,24 +218,37 @@ PINNED_POOL = PinnedPool()                               # one per process: all 
 # ----------------------------------------------------------------------------- the embedding table on the host
 
 class HostEmbedding(nn.Module):
-    """embeddings_on_host: true. A frozen embedding table kept in host memory: the lookup runs on the CPU and only the rows
-    looked up, (B, T, C), go to the GPU (32 MiB per micro-batch of 2 x 2048 at 7B, where the table is
-    250 MiB that would stay on the GPU all the time).
+    """embeddings_on_host: true. A frozen embedding table kept in pinned host memory, from which the
+    GPU gathers the rows a step looks up (kernels/embedding.py: one kernel, no copy of the ids to the
+    host, so the host never waits); only those rows, (B, T, C), are in GPU memory: 32 MiB per
+    micro-batch of 2 x 2048 at 7B, where the table is 250 MiB that would stay on the GPU all the time.
 
-    The table is neither a parameter nor a buffer, so model.to(), DDP and FSDP2 leave it on the host;
-    state_dict() still has it under `<name>.weight` (merged export reads that)."""
+    Without the kernels (QLORA_FUSED_KERNELS=0, or a CPU without TRITON_INTERPRET=1) the CPU looks the
+    rows up and copies them over. The table is neither a parameter nor a buffer, so model.to(), DDP
+    and FSDP2 leave it on the host; state_dict() still has it under `<name>.weight` (merged export
+    reads that)."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        self.table = weight.detach().to("cpu")               # (vocab, C), the compute dtype
         self.device = weight.device
+        weight = weight.detach()
+        if self.device.type == "cuda":
+            buf = pinned_buffer(weight.numel() * weight.element_size(), "embeddings_on_host: true could not pin "
+                                "{} of host memory for the embedding table ({}): set embeddings_on_host: false")
+            self.table = buf.view(weight.dtype).view(weight.shape).copy_(weight)      # (vocab, C)
+            weakref.finalize(self, torch.cuda.cudart().cudaHostUnregister, buf.data_ptr())
+        else:
+            self.table = weight.to("cpu")                                             # (vocab, C)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         C = self.table.shape[1]
+        if use_kernel(ids, (ids.dtype,)):                                             # read over PCIe
+            rows = torch.empty((ids.numel(), C), dtype=self.table.dtype, device=ids.device)  # (B*T, C)
+            return gather_rows(self.table, ids.reshape(-1), rows).view(*ids.shape, C)      # (B, T, C)
         cuda = self.device.type == "cuda"
         if cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the embedding table is on the host (embeddings_on_host: true), which a CUDA graph "
-                               "cannot capture: decode with cuda_graph=False, or load the model without it")
+            raise RuntimeError("the embedding table is on the host (embeddings_on_host: true) and the kernels are "
+                               "off, which a CUDA graph cannot capture: decode with cuda_graph=False")
         rows = torch.empty((ids.numel(), C), dtype=self.table.dtype, pin_memory=cuda)   # (B*T, C)
         # ids.cpu() waits for the GPU: the ids are ready long before (the first op of a step).
         torch.index_select(self.table, 0, ids.reshape(-1).cpu(), out=rows)

@@ -93,9 +93,9 @@ class TrainConfig:
                                                         "memory until its recompute (less still)")
     torch_compile: bool = option(False, "torch.compile each block for training (axolotl's key; one region per block, "
                                         "as Unsloth): fewer launches; the first step compiles")
-    embeddings_on_host: bool = option(False, "keep a frozen embedding table that lm_head does not share in host "
-                                             "memory; the lookup runs on the CPU (-0.24 GiB at 7B; a host sync "
-                                             "and a CPU gather per micro-batch)")
+    embeddings_on_host: bool = option(False, "keep a frozen embedding table that lm_head does not share in pinned "
+                                             "host memory, read by the GPU over PCIe for each lookup (-0.24 GiB at "
+                                             "7B)")
     recompute: str = option("full", "with gradient_checkpointing, what backward recomputes: full, selective (keep "
                                     "the C-wide frozen products: faster, more memory) or none")
     # bookkeeping

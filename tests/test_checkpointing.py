@@ -3,6 +3,7 @@ offloaded block inputs and selective recompute give the gradients of plain check
 bit (the same ops on the same values), plain checkpointing gives those of no checkpointing (to
 rounding), and what each setting keeps between forward and backward is what it says."""
 
+import os
 import weakref
 
 import pytest
@@ -208,6 +209,21 @@ def test_host_embedding_gives_the_lookup_and_the_same_training_step(tiny_llama):
     model.to(torch.float64)                                   # a parameter-wide move: not the table
     same_dtype = model.model.embed_tokens.table.dtype == table.dtype
     assert same_dtype
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the kernel path needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kernels_setting, kernel_calls", [("auto", 1), ("0", 0)])
+def test_host_embedding_gathers_with_the_kernel_unless_kernels_are_off(monkeypatch, kernels_setting, kernel_calls):
+    # On a GPU the rows come from kernels/embedding.py reading the pinned table (no ids.cpu(), so no
+    # wait); with the kernels off, the CPU looks them up. Both give F.embedding's rows exactly.
+    import kernels.common
+    import qlora.checkpointing as checkpointing
+    calls = []
+    monkeypatch.setattr(checkpointing, "gather_rows", lambda *a: calls.append(1) or kernels.embedding.gather_rows(*a))
+    monkeypatch.setattr(kernels.common, "KERNELS", kernels_setting)
+    table, ids = torch.randn(40, 24).bfloat16(), ids_of(shape=(3, 5)) % 40
+    rows = checkpointing.HostEmbedding(table)(ids)
+    assert torch.equal(rows, torch.nn.functional.embedding(ids, table)) and len(calls) == kernel_calls
 
 
 def test_offload_reuses_the_pool_from_step_to_step(tiny_llama, monkeypatch):

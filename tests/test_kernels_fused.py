@@ -1,5 +1,5 @@
-"""kernels/rmsnorm.py, kernels/rope.py and kernels/swiglu.py against their references (llama.model's
-RMSNorm, apply_rope, F.silu(g) * u), and the model with the fused path on against the model with it off. The
+"""kernels/rmsnorm.py, kernels/rope.py, kernels/swiglu.py and kernels/embedding.py against their references
+(llama.model's RMSNorm, apply_rope, F.silu(g) * u, index_select), and the model with the fused path on against the model with it off. The
 kernels run in Triton's CPU interpreter:
 
     TRITON_INTERPRET=1 python -m pytest tests/test_kernels_fused.py
@@ -20,6 +20,7 @@ import kernels.common
 import kernels.rmsnorm
 import llama.model
 from kernels.rmsnorm import rms_norm, rms_norm_forward
+from kernels.embedding import gather_rows
 from kernels.rope import apply_rope_qk
 from kernels.swiglu import swiglu
 from llama.model import Llama, LlamaConfig, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
@@ -393,3 +394,27 @@ def test_model_with_fused_norm_rope_matches_reference_path(dtype, monkeypatch):
 
     for what, err_on, err_off in zip(["logits", "LoRA grads"], rel_err(on), rel_err(off)):
         assert err_on <= 1.25 * err_off, f"{what}: relative error {err_on:.3g} vs reference path {err_off:.3g}"
+
+
+@interpreted
+@pytest.mark.parametrize("vocab, C, ids_shape", [(37, 50, (3, 7)), (5, 1030, (1, 1)), (128, 64, (2, 0)),
+                                                 (300, 2049, (2, 5))], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gather_rows_equals_index_select(dtype, vocab, C, ids_shape):
+    # embeddings_on_host's lookup (the GPU reads the looked-up rows of a pinned host table): a copy,
+    # so bit for bit; odd widths cross the 1024-wide column blocks, repeated ids included.
+    g = torch.Generator().manual_seed(vocab + C)
+    table = torch.randn(vocab, C, generator=g).to(dtype)
+    ids = torch.randint(0, vocab, ids_shape, generator=g)
+    if ids.numel() > 1:
+        ids.view(-1)[-1] = ids.view(-1)[0]
+    out = torch.full((ids.numel(), C), float("nan"), dtype=dtype)
+    assert torch.equal(gather_rows(table, ids.reshape(-1), out), torch.index_select(table, 0, ids.reshape(-1)))
+
+
+@interpreted
+def test_gather_rows_reads_nothing_outside_the_table():
+    table = torch.arange(12.0).view(4, 3)
+    out = gather_rows(table, torch.tensor([1, -1, 4, 3]), torch.empty(4, 3))
+    assert torch.equal(out, torch.tensor([[3.0, 4, 5], [0, 0, 0], [0, 0, 0], [9, 10, 11]]))
+
