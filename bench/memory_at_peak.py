@@ -21,6 +21,8 @@ def site_of(frames: list[dict]) -> str:
     """The innermost frame outside torch and bench/ as "path:line function" (path from the package)."""
     for f in frames:
         name = f.get("filename", "")
+        if "torchinductor" in name:              # a compiled region's generated code (ours or Unsloth's)
+            return "compiled code (torch.compile's generated kernels and buffers)"
         if "/torch/" in name or "/bench/" in name or name.startswith("<"):
             continue
         short = name.split("site-packages/", 1)[1] if "site-packages/" in name else name

@@ -70,3 +70,8 @@ def test_peak_breakdown_replays_allocations_and_frees():
     at = peak_breakdown(trace, 1000)["at_peak"]
     assert at == {BEFORE: 1000, "qlora/lora.py:150 forward": 120,
                   "transformers/models/llama/modeling_llama.py:9 fwd": 50}
+    # Buffers of compiled code (inductor's generated files, a new name per graph) count as one site.
+    compiled = [{"filename": f"/tmp/torchinductor_root/{k}/c{k}.py", "line": k, "name": "call"} for k in (7, 8)]
+    trace = [dict(action="alloc", addr=k, size=10 * k, frames=[compiled[k - 7]]) for k in (7, 8)]
+    assert peak_breakdown(trace, 0)["at_peak"] == {BEFORE: 0, "compiled code (torch.compile's generated kernels "
+                                                               "and buffers)": 150}
