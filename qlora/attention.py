@@ -59,5 +59,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torc
     if BlockMask is not None and isinstance(mask, BlockMask):
         flex = _compiled_flex() if q.is_cuda else flex_attention
         return flex(q, k, v, block_mask=mask, enable_gqa=gqa)                           # (B, nh, T, hd)
-    is_causal = mask is None and q.shape[2] > 1
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+    # A branch, not is_causal=(T > 1): under torch.compile with dynamic shapes (a second sequence
+    # length) T > 1 is a SymBool, which SDPA refuses (a graph break in every compiled block); an
+    # `if` makes the compiler guard on it and pass a plain True.
+    if mask is None and q.shape[2] > 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, nh, T, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)      # (B, nh, T, hd)

@@ -278,6 +278,33 @@ def test_compiled_blocks_give_the_eager_step(tiny_llama):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_compiled_blocks_take_a_second_shape_without_graph_breaks(tiny_llama):
+    # A second (B, T) makes torch.compile recompile the blocks with dynamic shapes; there T > 1 was a
+    # SymBool that SDPA's is_causal refused: a graph break at the attention of every block (seen on
+    # the 13B bench's second micro-batch shape). Still eager's loss and gradients, and a third shape
+    # reuses the dynamic graphs.
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+    from qlora.checkpointing import compile_blocks
+    model = tiny_lora_llama(tiny_llama, variant="gqa")
+    shapes = [(1, 24), (4, 6), (2, 12)]
+    eager = [loss_and_grads(model, ids_of(shape=shape), True) for shape in shapes]
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(model)
+    with inductor_config.patch(fallback_random=True):
+        for shape, (loss, grads) in zip(shapes, eager):
+            other_loss, other = loss_and_grads(model, ids_of(shape=shape), True)
+            torch.testing.assert_close(other_loss, loss, rtol=1e-5, atol=1e-6)
+            for name, g in grads.items():
+                torch.testing.assert_close(other[name], g, rtol=1e-4, atol=1e-6, msg=f"{shape} {name}")
+            if shape == shapes[1]:
+                graphs = counters["stats"]["unique_graphs"]
+    assert not dict(counters["graph_break"]), dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_compiled_blocks_save_no_dequantized_weight(tiny_llama):
     # With AOT autograd's CSE on, a compiled block's partitioner kept the dequantized W of the 4-bit
     # layers for backward (+0.34 GiB at a 7B step's peak); compile_blocks turns it off, so what the
