@@ -222,6 +222,9 @@ def measure(step, run: Run, micro_batch: int, seq_len: int, device: torch.device
     """Time `step` on the fixed random batch of this shape -> timing, tokens/s, FLOPs and peaks."""
     s = Settings(checkpoint=run.checkpoint, micro_batch=micro_batch, seq_len=seq_len, lora_r=run.lora_r, seed=run.seed)
     batch = random_batch(s, run.config["vocab_size"], device)
+    # Compiled code (ours with --torch_compile, Unsloth's) starts afresh at each shape, as in a run of
+    # that one shape: otherwise the second shape recompiles with dynamic shapes, slower kernels.
+    torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()                  # reserved memory from the previous shape is not this one's
