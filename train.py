@@ -253,7 +253,9 @@ def main(argv=None) -> int:
         val = list(batches_in_order(data.val, cfg.micro_batch_size, pad_id, pad_to))
         num_items = sum(label_count(b["labels"]) for b in val)
         mine = distributed.my_share(val)
-        loss = sum(loss_of(b, num_items).item() if counted else 0.0
+        # Every rank runs a forward for each of its items, counted or not: under FSDP2 a forward is a
+        # collective (a rank that skipped the repeated last batch left the others waiting for ever).
+        loss = sum(loss_of(b, num_items).item() * counted
                    for b, counted in progress.bar(mine, len(mine), "eval", "batch", leave=False))
         model.train()
         return distributed.all_sum([loss])[0]

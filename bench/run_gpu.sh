@@ -28,7 +28,10 @@ for stage in "$@"; do
                   --tokenizer .gpu-data/llama2-tokenizer.model --json "$OUT/batched_eval.json" 2>&1 | tail -15 ;;
     train_step) timeout 420 python -m bench.train_step --json "$OUT/train_step.json" 2>&1 | tail -60 ;;
     ddp1)       # issue #18: train.py under torchrun --nproc_per_node 1 (NCCL) vs alone, tokens/s
-                timeout 540 python -m bench.ddp_one_gpu --json "$OUT/ddp_one_gpu.json" 2>&1 | grep -v "^Warning" | tail -30 ;;
+                timeout 540 python -m bench.ddp_scaling --json "$OUT/ddp_one_gpu.json" 2>&1 | grep -v "^Warning" | tail -30 ;;
+    ddp2)       # issue #19 on nvidia-h200-x2: DDP and FSDP2 on 2 GPUs vs one process (~8 min); NVLink multicast off
+                NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 timeout 590 python -m bench.ddp_scaling --nproc 2 --steps 8 \
+                  --json "$OUT/ddp_scaling_2.json" 2>&1 | grep -v "^Warning" | tail -40 ;;
     falcon)     timeout 540 python -m bench.falcon_step --json "$OUT/falcon_step.json" 2>&1 | grep -v "^Warning" | tail -40 ;;
     large)      # issue 23: 70B, 34B, 13B shapes (~7 min); Unsloth from the carried .whl/unsloth when it is there,
                 # its tokenizer from .gpu-data/; the 13B checkpoint (26 GB in /tmp) is removed at the end
