@@ -97,6 +97,19 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(setup, tmp_pat
     assert losses(parts) == whole_run                        # bit for bit, step by step
 
 
+def test_torch_compile_trains_like_eager(setup, tmp_path, whole_run):
+    # torch_compile: true from the command line: the compiled blocks (qlora.checkpointing.compile_blocks)
+    # give the eager run's loss curve, evaluation and saving included (dropout 0.1 draws eager's masks
+    # with inductor's fallback_random; the rest differs by fp32 rounding only).
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    torch._dynamo.reset()
+    with inductor_config.patch(fallback_random=True):
+        assert train.main(args(setup, tmp_path, torch_compile="true")) == 0
+    assert losses(tmp_path) == pytest.approx(whole_run, rel=1e-4)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_a_crash_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     model = torch.nn.Linear(3, 2)
     first = ckpt.save_checkpoint(tmp_path, 1, model, lambda d: None, {"data": {"epoch": 0}})
