@@ -91,7 +91,8 @@ def main(argv=None) -> int:
         work = Path(tmp)
         tokenizer = train_tokenizer(["".join(format_row(r, "context_qa")) for r in sql_rows()], 512,
                                     work / "tokenizer.model")
-        for side, cmd in sides(checkpoint, tokenizer, work, args.tiny, args.steps, args.nproc).items():
+        commands = sides(checkpoint, tokenizer, work, args.tiny, args.steps, args.nproc)
+        for side, cmd in commands.items():
             print(f"\n=== {side}: {' '.join(cmd[1:])}", flush=True)
             t0 = time.perf_counter()
             done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
@@ -106,9 +107,8 @@ def main(argv=None) -> int:
             result[side] = {"tokens_per_s": speed, "rank0_peak_gib": peak, "wall_s": round(wall, 1),
                             "rank_lines": [line for line in printed if line.startswith("rank")]}
     single = result["single"]["tokens_per_s"]
-    names = [name for name in result if name == "single" or name.startswith(("ddp_", "fsdp_"))]
     print(f"\n{'side':<10} {'tokens/s':>10} {'/ single':>9} {'rank 0 peak':>12} {'wall s':>8}")
-    for name in names:
+    for name in commands:
         r = result[name]
         r["ratio"] = r["tokens_per_s"] / single
         print(f"{name:<10} {r['tokens_per_s']:>10.0f} {r['ratio']:>8.3f}x {r['rank0_peak_gib']:>9.2f} GiB {r['wall_s']:>8.1f}")

@@ -215,8 +215,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     except ValueError as e:
         bad(str(e))
     if cfg.torch_compile and cfg.recompute == "selective":
-        bad("torch_compile: true with recompute: selective is not supported (its kept products are Python state "
-            "the compiled block does not see): use recompute: full or none")
+        bad("torch_compile: true with recompute: selective is not supported (forward and recompute run different "
+            "compiled graphs, whose saved tensors can come in another order, which checkpointing refuses): use recompute: full or none")
     if cfg.torch_compile and cfg.distributed == "fsdp":
         bad("torch_compile: true with distributed: fsdp is not supported yet: use distributed: ddp, or no torch_compile")
     if cfg.lora_target_linear and cfg.lora_target_modules:
