@@ -41,7 +41,8 @@ for stage in "$@"; do
     lead|hostemb) # issue #17: torch_compile A/B (lead), embeddings_on_host A/B (hostemb), beside Unsloth (offload), ~6 min
                 u=($(unsloth_flag --unsloth-path))
                 sides=ours:offload+shared,ours:offload+shared+compile,ours:compile,unsloth:offload
-                [ "$stage" = hostemb ] && sides=ours:offload+shared,ours:offload+shared+hostemb,unsloth:offload,peer
+                [ "$stage" = hostemb ] && sides=ours:offload+shared+compile,ours:offload+shared+hostemb+compile,unsloth:offload
+                [ "$stage" = hostemb ] && python -m bench.gather_rows_check
                 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 560 python -m bench.train_step --no-profile "${u[@]}" \
                   --sides "$sides" --json "$OUT/train_step_$stage.json" 2>&1 | grep -v "^Warning" | tail -25 ;;
     profile)    # issue #17: where the compiled step's time goes, and what embeddings_on_host costs (~4 min)

@@ -75,3 +75,32 @@ def test_peak_breakdown_replays_allocations_and_frees():
     trace = [dict(action="alloc", addr=k, size=10 * k, frames=[compiled[k - 7]]) for k in (7, 8)]
     assert peak_breakdown(trace, 0)["at_peak"] == {BEFORE: 0, "compiled code (torch.compile's generated kernels "
                                                                "and buffers)": 150}
+
+
+def test_profiling_compiled_blocks_runs_the_compiled_step_as_timed(tiny_llama):
+    # The profile's named ranges (module hooks, wrapped apply_rope) inside a compiled block changed its
+    # code: the profiled step recompiled every block with graph breaks and autotuned its kernels, so
+    # what it measured was not the step that was timed (H200, 2026-12-01). Compiled blocks are now
+    # profiled as they run: no new graph, no graph break.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from bench.step_profile import profile_step
+    from llama.load import load_llama
+    from qlora.checkpointing import compile_blocks
+    from qlora.lora import apply_lora
+    from qlora.loss import causal_lm_loss
+    model = load_llama(tiny_llama("gqa"), "cpu", torch.float32, load_in_4bit=True)
+    apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.1, verbose=False)
+    model.train().gradient_checkpointing = True
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def step(ids):
+        causal_lm_loss(model(ids, return_hidden=True), model.lm_head.weight, ids).backward()
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(model)
+    step(ids)
+    graphs = counters["stats"]["unique_graphs"]
+    profiled = profile_step(model, step, (ids,), torch.device("cpu"))
+    assert counters["stats"]["unique_graphs"] == graphs and not dict(counters["graph_break"])
+    assert "compiled blocks" in profiled["measures"] and sum(profiled["rows"].values()) > 0
