@@ -5,9 +5,13 @@ and the config.json shapes of the larger models (bench/large.py builds those on 
     write_random_checkpoint(path, LLAMA2_13B)    # 13B shapes (~26 GB)
     write_random_checkpoint(path, LLAMA3_8B)     # Llama-3-8B shapes (~16 GB)
     write_random_checkpoint(path, TINY)          # the same code path at test size, on the CPU
+    write_prequantized_checkpoint(path, LLAMA2_70B)   # 70B already in NF4 (bitsandbytes' format, ~37 GB)
 
 The benchmarks load these files through our loader and through transformers + bitsandbytes, so
 both sides read the same bytes. Random weights: speed and memory do not depend on their values.
+A 70B checkpoint in bf16 is 138 GB, more than the devices' disks; write_prequantized_checkpoint draws
+the model on the GPU one weight at a time, quantized as it goes (llama.load.random_quantized_llama),
+and writes it in bitsandbytes' 4-bit format, which train.py loads as it is (issue #19's 70B run).
 """
 
 import json
@@ -15,6 +19,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
+from qlora import bnb_format
+from qlora.atomic import write_dir
+from qlora.linear4bit import Linear4bit
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
@@ -57,4 +66,64 @@ def write_random_checkpoint(path, shape: dict = LLAMA2_7B, seed: int = 0) -> Pat
     if path.exists():                   # an unfinished or different checkpoint
         shutil.rmtree(path)
     tmp.replace(path)
+    return path
+
+
+def write_prequantized_checkpoint(path, shape: dict = LLAMA2_70B, seed: int = 0, shard_bytes: int = 4 * 2**30,
+                                  device=None) -> Path:
+    """Write a random model of `shape` in NF4 + double quantization (bitsandbytes' format, bf16 for the
+    rest) to `path` unless a finished one of that shape is there. The 4-bit model is built on `device`
+    (default: the GPU if there is one); each shard's tensors come to the host only while it is written."""
+    from llama.load import random_quantized_llama
+    from llama.model import LlamaConfig
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        written = json.loads((path / "config.json").read_text())
+        if all(written.get(key) == value for key, value in shape.items()) and "quantization_config" in written:
+            return path
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = random_quantized_llama(LlamaConfig.from_hf(shape), device, torch.bfloat16, seed)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
+    shards, size = [[]], 0                            # [(name, module or tensor)], greedy by bytes
+    for name, part in [*layers.items(), *model.named_parameters()]:
+        nbytes = part.packed.numel() if isinstance(part, Linear4bit) else part.numel() * part.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, part))
+        size += nbytes
+    config = dict(shape, model_type="llama", architectures=["LlamaForCausalLM"], dtype="bfloat16",
+                  quantization_config=bnb_format.quantization_config(next(iter(layers.values()))))
+
+    def tensors(shard) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, part in shard:
+            if isinstance(part, Linear4bit):
+                out.update(bnb_format.bnb_tensors(part, f"{name}.weight"))
+            else:
+                out[name] = part.detach().cpu().contiguous()
+        seen = set()              # safetensors refuses shared memory: the layers share their code books
+        for key, tensor in out.items():
+            ptr = tensor.untyped_storage().data_ptr()
+            out[key] = tensor.clone() if ptr in seen else tensor
+            seen.add(ptr)
+        return out
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            written = tensors(shard)
+            save_file(written, tmp / filename, metadata={"format": "pt"})
+            weight_map.update({key: filename for key in written})
+        index = {"metadata": {"total_size": sum((tmp / f).stat().st_size for f in set(weight_map.values()))},
+                 "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    write_dir(path, write, overwrite=True)
+    del model, layers, shards
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return path

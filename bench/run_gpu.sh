@@ -3,6 +3,7 @@
 #   bash bench/run_gpu.sh kernels load        # then: decode train, then: train_step; fused: bench/fused_kernels.py
 #   bash bench/run_gpu.sh large               # issue 23 alone: one device call of ~7 min
 #   bash bench/run_gpu.sh lead | profile | hostemb | long8b | long7b | large13   # issues 17 and 23, a call each
+#   bash bench/run_gpu.sh ddp2 | fsdp70       # issue 19, on nvidia-h200-x2, a call each
 # bitsandbytes comes from the unpacked wheel in .bnb (README, Notes); the 7B-shaped random
 # checkpoint is written once to /tmp/llama2-7b-random by the first stage that needs it.
 set -uo pipefail
@@ -32,6 +33,9 @@ for stage in "$@"; do
     ddp2)       # issue #19 on nvidia-h200-x2: DDP and FSDP2 on 2 GPUs vs one process (~8 min); NVLink multicast off
                 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 timeout 590 python -m bench.ddp_scaling --nproc 2 --steps 8 \
                   --json "$OUT/ddp_scaling_2.json" 2>&1 | grep -v "^Warning" | tail -40 ;;
+    fsdp70)     # issue #19 on nvidia-h200-x2: Llama-2-70B shapes in NF4 (written once, ~37 GB), one GPU vs FSDP2 on 2
+                NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 timeout 590 python -m bench.ddp_scaling --nproc 2 \
+                  --shape 70b --steps 6 --json "$OUT/fsdp_70b_2.json" 2>&1 | grep -v "^Warning" | tail -30 ;;
     falcon)     timeout 540 python -m bench.falcon_step --json "$OUT/falcon_step.json" 2>&1 | grep -v "^Warning" | tail -40 ;;
     large)      # issue 23: 70B, 34B, 13B shapes (~7 min); Unsloth from the carried .whl/unsloth when it is there,
                 # its tokenizer from .gpu-data/; the 13B checkpoint (26 GB in /tmp) is removed at the end
