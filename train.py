@@ -203,7 +203,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     fsdp = cfg.distributed == "fsdp" and distributed.launched()   # then each rank quantizes only its rows
     model = load_base(cfg.base_model, device, dtype, cfg.load_in_4bit, cfg.seed,
-                      quantize=distributed.shard_quantizer if fsdp else None)
+                      quantize=distributed.shard_quantizer if fsdp else None,
+                      place_stored=distributed.shard_stored if fsdp else None)
     print(f"base model loaded in {time.time() - t0:.1f}s ({'NF4' if cfg.load_in_4bit else dtype} weights)")
     set_checkpointing(model, cfg.gradient_checkpointing, cfg.recompute, cfg.embeddings_on_host)
     if cfg.lora_model_dir:   # continue training an adapter (its own r, alpha and targets), as axolotl

@@ -23,7 +23,7 @@ ARCHITECTURES = {"llama": Llama, "falcon": Falcon}   # config.json's model_type 
 
 
 def load_falcon(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat16, load_in_4bit: bool = False,
-                blocksize: int = 64, double_quant: bool = True, quantize=None) -> Falcon:
+                blocksize: int = 64, double_quant: bool = True, quantize=None, place_stored=None) -> Falcon:
     """A local checkpoint directory or a Hub repo id -> Falcon on `device`, every parameter frozen.
 
     load_in_4bit: query_key_value, dense, dense_h_to_4h and dense_4h_to_h become Linear4bit (NF4,
@@ -32,7 +32,7 @@ def load_falcon(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat
     """
     directory = model_dir(path_or_repo_id)
     return load_weights(Falcon, FalconConfig.from_hf, directory, device, dtype, load_in_4bit, blocksize, double_quant,
-                        quantize)
+                        quantize, place_stored)
 
 
 def model_class(hf_config: dict) -> type[nn.Module]:
@@ -45,11 +45,11 @@ def model_class(hf_config: dict) -> type[nn.Module]:
 
 
 def load_model(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat16, load_in_4bit: bool = False,
-               blocksize: int = 64, double_quant: bool = True, quantize=None) -> nn.Module:
+               blocksize: int = 64, double_quant: bool = True, quantize=None, place_stored=None) -> nn.Module:
     """load_llama or load_falcon, as the checkpoint's config.json says."""
     directory = model_dir(path_or_repo_id)
     load = load_falcon if model_class(read_json(directory / "config.json")) is Falcon else load_llama
-    return load(directory, device, dtype, load_in_4bit, blocksize, double_quant, quantize)
+    return load(directory, device, dtype, load_in_4bit, blocksize, double_quant, quantize, place_stored)
 
 
 def random_falcon(config_path: str | Path, device, dtype: torch.dtype, load_in_4bit: bool, seed: int = 0,
@@ -75,15 +75,17 @@ def random_falcon(config_path: str | Path, device, dtype: torch.dtype, load_in_4
     return quantize_linears(model, dtype, quantize) if load_in_4bit else model
 
 
-def load_base(base_model, device, dtype: torch.dtype, load_in_4bit: bool, seed: int, quantize=None) -> nn.Module:
+def load_base(base_model, device, dtype: torch.dtype, load_in_4bit: bool, seed: int, quantize=None,
+              place_stored=None) -> nn.Module:
     """The frozen base model of train.py and infer.py, Llama or Falcon as its config.json says: a
     checkpoint through load_model, or for a config.json the demo's random model drawn with `seed`.
-    quantize: what makes each Linear4bit (default llama.load.quantize_weight)."""
+    quantize: what makes each Linear4bit (default llama.load.quantize_weight); place_stored: what a weight a
+    checkpoint stores in 4-bit becomes (llama.load.load_weights)."""
     path = config_path(base_model)
     if is_random_base(base_model) and not path.is_file():
         raise FileNotFoundError(f"model config {path} not found: pass a checkpoint directory, a hub id "
                                 "or a config.json")
     if not is_random_base(base_model):
-        return load_model(base_model, device, dtype, load_in_4bit, quantize=quantize)
+        return load_model(base_model, device, dtype, load_in_4bit, quantize=quantize, place_stored=place_stored)
     make = random_falcon if model_class(read_json(path)) is Falcon else random_llama
     return make(path, device, dtype, load_in_4bit, seed, quantize)

@@ -31,29 +31,32 @@ HUB_FILES = ["*.safetensors", "*.json", "tokenizer.model"]
 
 
 def load_llama(path_or_repo_id, device="cpu", dtype: torch.dtype = torch.bfloat16, load_in_4bit: bool = False,
-               blocksize: int = 64, double_quant: bool = True, quantize=None) -> Llama:
+               blocksize: int = 64, double_quant: bool = True, quantize=None, place_stored=None) -> Llama:
     """A local checkpoint directory or a Hub repo id -> Llama on `device`, every parameter frozen.
 
     load_in_4bit: the q/k/v/o/gate/up/down projections become Linear4bit (NF4, `blocksize`, double
     quantization) with compute dtype `dtype`; everything else is stored in `dtype`. A checkpoint
     stored in 4-bit keeps its own bytes (and is dequantized to `dtype` if load_in_4bit is False).
-    quantize: what makes a Linear4bit of a weight (default quantize_weight; FSDP: only this rank's rows).
+    quantize: what makes a Linear4bit of a weight (default quantize_weight; FSDP: only this rank's rows);
+    place_stored: what a weight stored in 4-bit becomes (load_weights).
     """
     directory = model_dir(path_or_repo_id)
     return load_weights(Llama, LlamaConfig.from_hf, directory, device, dtype, load_in_4bit, blocksize, double_quant,
-                        quantize)
+                        quantize, place_stored)
 
 
 def load_weights(model_class, read_config, directory: Path, device="cpu", dtype: torch.dtype = torch.bfloat16,
                  load_in_4bit: bool = False, blocksize: int = 64, double_quant: bool = True,
-                 quantize=None) -> nn.Module:
+                 quantize=None, place_stored=None) -> nn.Module:
     """model_class(read_config(config.json)) with the tensors of the safetensors files in `directory`.
 
     Any model of this project whose state_dict keys are the checkpoint's and whose class names its
     block's linear layers in LINEAR_NAMES (llama.model.Llama, falcon.model.Falcon): those are
     quantized when load_in_4bit (a bias read beside them kept); an lm_head tied to the embedding is
     not read from the file but tied again. quantize(weight, device, dtype, blocksize, double_quant)
-    makes each Linear4bit (default quantize_weight).
+    makes each Linear4bit (default quantize_weight); place_stored(layer, device) is what a Linear4bit read
+    from a checkpoint stored in 4-bit becomes when load_in_4bit (given on the host; default: the layer
+    on `device`; FSDP: qlora.distributed.shard_stored, this rank's rows only).
     """
     quantize = quantize or quantize_weight
     if dtype not in FLOAT_DTYPES:
@@ -101,7 +104,10 @@ def load_weights(model_class, read_config, directory: Path, device="cpu", dtype:
                 if prequantized and f.get_slice(name).get_dtype() == "U8":
                     names = bnb_format.tensor_names(name, stored.keys())
                     tensors = {k: handles[stored[n]].get_tensor(n) for k, n in names.items()}
-                    layer = bnb_format.linear4bit_from_bnb(f.get_tensor(name), tensors, device, dtype)
+                    keep = place_stored if load_in_4bit else None
+                    layer = bnb_format.linear4bit_from_bnb(f.get_tensor(name), tensors, "cpu" if keep else device,
+                                                           dtype)
+                    layer = keep(layer, device) if keep else layer
                     shape = tuple(layer.state.shape)
                 else:
                     shape = tuple(f.get_slice(name).get_shape())

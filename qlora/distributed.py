@@ -30,8 +30,9 @@ rows and dequantize on their own ("consistent per shard"). The second level of d
 (one fp32 scale per 256 blocks, 1/2048 of the packed bytes; the mean offset; the two code books) is
 replicated. Loading: each rank quantizes only its rows (shard_quantizer); the fp32 absmax of all
 blocks are gathered (4 bytes per 32 packed ones) so that the double quantization is the whole
-weight's, bit for bit what one process computes. The 16-bit tensors (embeddings, norms, lm_head)
-are read whole on every rank, then sharded.
+weight's, bit for bit what one process computes. A checkpoint stored in 4-bit is read to the host
+a weight at a time, and each rank moves only its rows of it to its GPU (shard_stored). The 16-bit
+tensors (embeddings, norms, lm_head) are read whole on every rank, then sharded.
 
 Only rank 0 writes files (metrics, checkpoints, the adapter); the others wait at a barrier. A run
 saved under N ranks resumes under M: checkpoints hold whole tensors (gathered from the shards) and
@@ -228,17 +229,23 @@ def _rows_of_rank(groups: int) -> tuple[int, int]:
     return min(rank() * per, groups), min((rank() + 1) * per, groups)
 
 
+def _row_groups(out_features: int, in_features: int, blocksize: int) -> tuple[int, int, int]:
+    """(rows per row group, row groups, absmax blocks per row group) of an [out, in] weight, or the
+    ValueError saying it cannot be cut into whole blocks."""
+    group = row_group(in_features, blocksize)
+    if out_features % group:
+        raise ValueError(f"a weight [{out_features}, {in_features}] cannot be sharded in whole blocks of {blocksize} "
+                         f"({out_features} rows are not a multiple of {group}): use distributed: ddp")
+    return group, out_features // group, group * in_features // blocksize
+
+
 def shard_quantizer(weight: torch.Tensor, device, dtype: torch.dtype, blocksize: int = 64,
                     double_quant: bool = True, chunk_numel: int = QUANT_CHUNK_NUMEL) -> Linear4bit:
     """llama.load.quantize_weight for FSDP: a Linear4bit whose packed bytes and absmax are meta
     tensors of the whole weight's shape, holding in `.rows` (packed, absmax) of this rank's rows only,
     for shard_model to put in place. Every rank must call it for every weight (it gathers)."""
     out_features, in_features = weight.shape
-    group = row_group(in_features, blocksize)
-    if out_features % group:
-        raise ValueError(f"a weight [{out_features}, {in_features}] cannot be sharded in whole blocks of {blocksize} "
-                         f"({out_features} rows are not a multiple of {group}): use distributed: ddp")
-    groups, blocks = out_features // group, group * in_features // blocksize    # blocks: per row group
+    group, groups, blocks = _row_groups(out_features, in_features, blocksize)
     first, last = _rows_of_rank(groups)
     per = math.ceil(groups / world_size())
     mine = None
@@ -263,6 +270,23 @@ def shard_quantizer(weight: torch.Tensor, device, dtype: torch.dtype, blocksize:
     packed = mine.packed if mine is not None else torch.empty(0, dtype=torch.uint8, device=device)
     skeleton.rows = (packed.view(last - first, group * in_features // 2),                # [my row groups, bytes]
                      state.absmax[first * blocks:last * blocks].view(last - first, blocks))  # [my row groups, blocks]
+    return skeleton
+
+
+def shard_stored(layer: Linear4bit, device) -> Linear4bit:
+    """What shard_quantizer makes, for a weight a checkpoint already stores in 4-bit: `layer`, read to
+    the host, -> a skeleton whose `.rows` hold this rank's row groups of its packed bytes and absmax
+    on `device`; the second level of double quantization and the code books go to `device` whole.
+    So a rank's GPU never holds the whole 4-bit weight (a pre-quantized 70B on 24 GB cards)."""
+    state = layer.state
+    group, groups, blocks = _row_groups(layer.out_features, layer.in_features, layer.blocksize)
+    first, last = _rows_of_rank(groups)
+    packed = layer.packed.view(groups, group * layer.in_features // 2)[first:last]      # [my row groups, bytes]
+    absmax = state.absmax.view(groups, blocks)[first:last]                              # [my row groups, blocks]
+    skeleton = Linear4bit(torch.empty(layer.packed.shape, dtype=torch.uint8, device="meta"),
+                          replace(state.to(device), absmax=torch.empty(state.absmax.shape, dtype=state.absmax.dtype,
+                                                                       device="meta")), None, layer.compute_dtype)
+    skeleton.rows = (packed.to(device), absmax.to(device))
     return skeleton
 
 

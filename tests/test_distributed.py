@@ -132,6 +132,39 @@ def test_fsdp_equals_one_process_and_each_rank_holds_half_the_base(setup, one_pr
     assert_same_training(one_process, parts)
 
 
+def test_fsdp_reads_a_checkpoint_stored_in_4bit_one_share_per_rank(setup, tmp_path):
+    # A base stored in 4-bit (bitsandbytes' format): each rank moves only its rows of every weight to
+    # its device (qlora.distributed.shard_stored), and training equals one process on the same file.
+    from bench.random_model import write_prequantized_checkpoint
+    base = write_prequantized_checkpoint(tmp_path / "nf4", json.loads((setup / "tiny.json").read_text()),
+                                         device="cpu")
+    for out, ranks, extra in ((tmp_path / "one", None, {"gradient_accumulation_steps": 4}),
+                              (tmp_path / "fsdp", 2, {"distributed": "fsdp"})):
+        done = run(setup, out, ranks, base_model=base, **extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_training(tmp_path / "one", tmp_path / "fsdp")
+    shares = re.findall(r"rank (\d): base weights ([\d.]+) of ([\d.]+) MiB", done.stdout)
+    assert len(shares) == 2 and all(float(m) / float(w) == pytest.approx(0.5, abs=0.02) for _, m, w in shares)
+
+
+def test_shard_stored_keeps_only_this_ranks_rows(monkeypatch):
+    # Rank 1 of 2: the skeleton's packed bytes and absmax are meta (nothing of the whole weight on the
+    # device), its rows are the second half of the row groups, and the replicated state is the whole's.
+    from qlora import distributed
+    from qlora.linear4bit import Linear4bit
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    layer = Linear4bit.from_weight(torch.randn(96, 80), None, 64, double_quant=True, compute_dtype=torch.float32)
+    group, groups, blocks = 4, 24, 5                       # row_group(80, 64) = 4 rows = 5 blocks of 64
+    skeleton = distributed.shard_stored(layer, torch.device("cpu"))
+    assert skeleton.packed.is_meta and skeleton.absmax.is_meta and skeleton.packed.shape == layer.packed.shape
+    packed, absmax = skeleton.rows
+    assert torch.equal(packed, layer.packed.view(groups, group * 80 // 2)[12:])
+    assert torch.equal(absmax, layer.absmax.view(groups, blocks)[12:])
+    for name in ("code", "absmax2", "code2", "offset"):
+        assert torch.equal(getattr(skeleton, name), getattr(layer, name)), name
+
+
 def rank_pids(launcher: int) -> dict[int, int]:
     """{RANK: pid} of the worker processes below the launcher's pid (Linux /proc)."""
     def parent(pid: int) -> int:
