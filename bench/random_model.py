@@ -19,9 +19,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from qlora import bnb_format
+from qlora.adapter import split_shards, write_shards
 from qlora.atomic import write_dir
 from qlora.linear4bit import Linear4bit
 
@@ -85,45 +84,27 @@ def write_prequantized_checkpoint(path, shape: dict = LLAMA2_70B, seed: int = 0,
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = random_quantized_llama(LlamaConfig.from_hf(shape), device, torch.bfloat16, seed)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
-    shards, size = [[]], 0                            # [(name, module or tensor)], greedy by bytes
-    for name, part in [*layers.items(), *model.named_parameters()]:
-        nbytes = part.packed.numel() if isinstance(part, Linear4bit) else part.numel() * part.element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, part))
-        size += nbytes
+    parts = [*layers.items(), *model.named_parameters()]          # (name, Linear4bit or dense tensor)
+    shards = split_shards(parts, lambda item: item[1].packed.numel() if isinstance(item[1], Linear4bit)
+                          else item[1].numel() * item[1].element_size(), shard_bytes)
     config = dict(shape, model_type="llama", architectures=["LlamaForCausalLM"], dtype="bfloat16",
                   quantization_config=bnb_format.quantization_config(next(iter(layers.values()))))
 
-    def tensors(shard) -> dict[str, torch.Tensor]:
+    def tensors(shard) -> dict[str, torch.Tensor]:                 # on the host, one shard at a time
         out = {}
         for name, part in shard:
             if isinstance(part, Linear4bit):
                 out.update(bnb_format.bnb_tensors(part, f"{name}.weight"))
             else:
-                out[name] = part.detach().cpu().contiguous()
-        seen = set()              # safetensors refuses shared memory: the layers share their code books
-        for key, tensor in out.items():
-            ptr = tensor.untyped_storage().data_ptr()
-            out[key] = tensor.clone() if ptr in seen else tensor
-            seen.add(ptr)
+                out[name] = part.detach().cpu()
         return out
 
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            written = tensors(shard)
-            save_file(written, tmp / filename, metadata={"format": "pt"})
-            weight_map.update({key: filename for key in written})
-        index = {"metadata": {"total_size": sum((tmp / f).stat().st_size for f in set(weight_map.values()))},
-                 "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_shards(tmp, shards, tensors)
 
     write_dir(path, write, overwrite=True)
-    del model, layers, shards
+    del model, layers, parts, shards
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return path

@@ -99,39 +99,53 @@ def save_merged(model: nn.Module, config_dict: dict, out_dir, max_shard_size="5G
         state = quantized
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)             # the loader ties it to embed_tokens again
-    # safetensors refuses tensors that share memory (a tied head whose config does not say so).
-    seen = set()
-    for key, tensor in state.items():
-        ptr = tensor.untyped_storage().data_ptr()
-        state[key] = tensor.clone() if ptr in seen else tensor.contiguous()
-        seen.add(ptr)
-
-    shards, size = [{}], 0                            # greedy, in state_dict order, like transformers
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
+    shards = split_shards(list(state), lambda key: state[key].numel() * state[key].element_size(), limit)
 
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-            return
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, tmp / filename, metadata={"format": "pt"})
-            weight_map.update({key: filename for key in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_shards(tmp, shards, lambda keys: {key: state[key] for key in keys})
 
     return write_dir(out_dir, write, overwrite)
+
+
+def split_shards(items: list, nbytes, limit: int) -> list[list]:
+    """items -> consecutive groups of at most `limit` bytes each (nbytes(item)), greedy, in order, as
+    transformers cuts a state_dict into files (an item larger than the limit is a group of its own)."""
+    shards, size = [[]], 0
+    for item in items:
+        n = nbytes(item)
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += n
+    return shards
+
+
+def write_shards(directory: Path, shards: list, tensors_of) -> None:
+    """Write the shards as transformers does: model.safetensors for one, else
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json. tensors_of(shard) -> {key: tensor}
+    is asked for one shard at a time, so a writer can bring a shard's tensors to the host only while
+    it is written (a 70B's 4-bit bytes are never all in host memory)."""
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        tensors = tensors_of(shard)
+        # safetensors refuses tensors that share memory (a tied head whose config does not say so;
+        # the code books 4-bit layers share).
+        seen = set()
+        for key, tensor in tensors.items():
+            ptr = tensor.untyped_storage().data_ptr()
+            tensors[key] = tensor.clone() if ptr in seen else tensor.contiguous()
+            seen.add(ptr)
+        filename = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, directory / filename, metadata={"format": "pt"})
+        weight_map.update({key: filename for key in tensors})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- PEFT adapter files

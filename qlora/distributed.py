@@ -263,13 +263,19 @@ def shard_quantizer(weight: torch.Tensor, device, dtype: torch.dtype, blocksize:
     state = QuantState(absmax=gathered[:groups * blocks].clone(), shape=weight.shape, dtype=dtype,
                        blocksize=blocksize, code=nf4_code(device))
     state = double_quantize(state) if double_quant else state
-    n = out_features * in_features
+    packed = mine.packed if mine is not None else torch.empty(0, dtype=torch.uint8, device=device)
+    return _skeleton(state, dtype, packed.view(last - first, group * in_features // 2),     # [my row groups, bytes]
+                     state.absmax[first * blocks:last * blocks].view(last - first, blocks))  # [my row groups, blocks]
+
+
+def _skeleton(state: QuantState, dtype: torch.dtype, packed: torch.Tensor, absmax: torch.Tensor) -> Linear4bit:
+    """A Linear4bit of the whole weight's shape whose packed bytes and absmax are meta tensors (no
+    memory), the rest of `state` real, and this rank's rows (packed, absmax) in `.rows`."""
+    n = state.shape[0] * state.shape[1]
     skeleton = Linear4bit(torch.empty((n + 1) // 2, dtype=torch.uint8, device="meta"),
                           replace(state, absmax=torch.empty(state.absmax.shape, dtype=state.absmax.dtype,
                                                             device="meta")), None, dtype)
-    packed = mine.packed if mine is not None else torch.empty(0, dtype=torch.uint8, device=device)
-    skeleton.rows = (packed.view(last - first, group * in_features // 2),                # [my row groups, bytes]
-                     state.absmax[first * blocks:last * blocks].view(last - first, blocks))  # [my row groups, blocks]
+    skeleton.rows = (packed, absmax)
     return skeleton
 
 
@@ -277,17 +283,13 @@ def shard_stored(layer: Linear4bit, device) -> Linear4bit:
     """What shard_quantizer makes, for a weight a checkpoint already stores in 4-bit: `layer`, read to
     the host, -> a skeleton whose `.rows` hold this rank's row groups of its packed bytes and absmax
     on `device`; the second level of double quantization and the code books go to `device` whole.
-    So a rank's GPU never holds the whole 4-bit weight (a pre-quantized 70B on 24 GB cards)."""
+    So a rank's GPU never holds the whole packed weight (a pre-quantized 70B on 24 GB cards)."""
     state = layer.state
     group, groups, blocks = _row_groups(layer.out_features, layer.in_features, layer.blocksize)
     first, last = _rows_of_rank(groups)
     packed = layer.packed.view(groups, group * layer.in_features // 2)[first:last]      # [my row groups, bytes]
     absmax = state.absmax.view(groups, blocks)[first:last]                              # [my row groups, blocks]
-    skeleton = Linear4bit(torch.empty(layer.packed.shape, dtype=torch.uint8, device="meta"),
-                          replace(state.to(device), absmax=torch.empty(state.absmax.shape, dtype=state.absmax.dtype,
-                                                                       device="meta")), None, layer.compute_dtype)
-    skeleton.rows = (packed.to(device), absmax.to(device))
-    return skeleton
+    return _skeleton(state.to(device), layer.compute_dtype, packed.to(device), absmax.to(device))
 
 
 def _shardable(layer: Linear4bit) -> None:
